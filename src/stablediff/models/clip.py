@@ -1,0 +1,133 @@
+"""CLIP text transformer (Radford et al. 2021): the text tower that conditions Stable Diffusion.
+
+SD 1.x uses OpenAI's ViT-L/14 text tower (quick_gelu, last layer); SD 2.x uses OpenCLIP's
+ViT-H/14 text tower (gelu, penultimate layer). Both are this one class; module names follow
+transformers' `CLIPTextModel` (without its `text_model.` prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablediff.nn import attention
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation
+    "gelu": F.gelu,
+}
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """Defaults are OpenAI CLIP ViT-L/14's text tower (SD 1.x)."""
+
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: int = 4
+    max_positions: int = 77
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # How many final layers the context skips by default: 0 = last layer (SD 1.x),
+    # 1 = penultimate (SD 2.x). The final layer norm is applied either way.
+    skip_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} not in {sorted(ACTIVATIONS)}")
+        if not 0 <= self.skip_layers < self.layers:
+            raise ValueError(f"skip_layers {self.skip_layers} must be in [0, {self.layers - 1}]")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} not divisible by heads {self.heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CLIPTextConfig:
+        return cls(**d)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.token_embedding(ids) + self.position_embedding(positions)[None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(cfg.width, cfg.width) for _ in range(4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Causal: a token sees only the tokens before it (CLIP's text tower is autoregressive-masked).
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.fc1 = nn.Linear(cfg.width, cfg.width * cfg.mlp_ratio)
+        self.fc2 = nn.Linear(cfg.width * cfg.mlp_ratio, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+
+
+class CLIPTextModel(nn.Module):
+    """`text_encoder(ids) -> context`.
+
+    ids: [B, L] int64 token ids, L <= max_positions. Returns [B, L, width]: the hidden state
+    `skip_layers` layers before the last (config default when None), after the final layer norm.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig = CLIPTextConfig()):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, ids: torch.Tensor, skip_layers: int | None = None) -> torch.Tensor:
+        skip = self.config.skip_layers if skip_layers is None else skip_layers
+        if not 0 <= skip < self.config.layers:
+            raise ValueError(f"skip_layers {skip} must be in [0, {self.config.layers - 1}]")
+        if ids.shape[1] > self.config.max_positions:
+            raise ValueError(f"{ids.shape[1]} tokens exceed the {self.config.max_positions} positions")
+        x = self.embeddings(ids)
+        for layer in self.encoder.layers[: self.config.layers - skip]:
+            x = layer(x)
+        return self.final_layer_norm(x)

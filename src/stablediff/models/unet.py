@@ -1,0 +1,303 @@
+"""The latent diffusion U-Net (Rombach et al. 2022; ADM, Dhariwal & Nichol 2021).
+
+Module names follow the original single-file checkpoints (`input_blocks`, `middle_block`,
+`output_blocks`, `in_layers`, `transformer_blocks`, ...) so SD 1.x / 2.x weights load after
+stripping the `model.diffusion_model.` prefix. One constructor loop builds every variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stablediff.nn import GroupNorm32, attention, timestep_embedding, zero_module
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Defaults are Stable Diffusion 1.5."""
+
+    in_channels: int = 4  # 9 for inpainting: latent + mask + masked-image latent
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) with transformers
+    num_heads: int | None = 8  # SD 1.x: fixed number of heads ...
+    head_dim: int | None = None  # ... SD 2.x: fixed head width (64), heads vary per level
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_proj: bool = False  # SD 2.x projects in/out of transformers with Linear, not 1x1 conv
+    upcast_attention: bool = False
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError(
+                f"UNetConfig needs exactly one of num_heads / head_dim, got {self.num_heads} / {self.head_dim}"
+            )
+        levels = range(len(self.channel_mult))
+        bad = [lvl for lvl in self.attention_levels if lvl not in levels]
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside the {len(self.channel_mult)} levels")
+        for mult in self.channel_mult:
+            if (self.model_channels * mult) % self.norm_groups:
+                raise ValueError(
+                    f"channels {self.model_channels * mult} not divisible by norm_groups {self.norm_groups}"
+                )
+
+    def heads_for(self, channels: int) -> int:
+        if self.num_heads is not None:
+            return self.num_heads
+        return channels // self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        d = dict(d)
+        d["channel_mult"] = tuple(d["channel_mult"])
+        d["attention_levels"] = tuple(d["attention_levels"])
+        return cls(**d)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with the timestep embedding added in between (ADM residual block)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        # Sequential indices are the checkpoint's: in_layers.{0 norm, 2 conv}, emb_layers.1,
+        # out_layers.{0 norm, 3 conv} (index 2 is the dropout of the original).
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels),
+            nn.SiLU(),
+            nn.Identity(),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over itself (context=None) or over a context sequence."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
+        super().__init__()
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Identity())  # to_out.0; .1 was dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection gives value and gate."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Identity(), nn.Linear(dim * 4, dim))  # net.0, net.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text context, then a GEGLU MLP."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, upcast)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, upcast)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on the context by cross-attention."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        heads = cfg.heads_for(channels)
+        self.norm = GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
+        self.linear = cfg.use_linear_proj
+        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, cfg.context_dim, heads, cfg.upcast_attention)
+            for _ in range(cfg.transformer_depth)
+        )
+        self.proj_out = zero_module(proj())
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.linear:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, C, H, W] -> [B, HW, C]
+        if self.linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # back to [B, C, H, W]
+        if not self.linear:
+            x = self.proj_out(x)
+        return x + residual
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # Nearest 2x, or to the skip's size when the input side was odd; interpolation in fp32
+        # because bf16 nearest-upsampling is not implemented on every backend.
+        up = F.interpolate(x.float(), size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(up.to(x.dtype))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A U-Net block: each layer takes what it needs of (x, emb, context)."""
+
+    def forward(self, x, emb, context, size=None):  # noqa: D401 - forward of a container
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """`unet(x, t, context, concat=None) -> eps or v`.
+
+    x: [B, 4, h, w] latents; t: [B] (or scalar) float timesteps in [0, 999];
+    context: [B, L, context_dim]; concat: optional [B, C, h, w] channels appended to x
+    (inpainting models take mask + masked-image latent). Returns [B, out_channels, h, w].
+    """
+
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb_dim = mc * 4
+        self.gradient_checkpointing = False
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch = mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, groups), SpatialTransformer(ch, cfg), ResBlock(ch, emb_dim, ch, groups)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(groups, ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        )
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        context: torch.Tensor,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {x.shape[1]}")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb_dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(emb_dtype))
+        context = context.to(x.dtype)
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            skip = skips.pop()
+            # The next skip's size tells an Upsample where to land (odd latent sides).
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, size)
+        return self.out(h)

@@ -1,0 +1,414 @@
+"""Foreign key names: the only module that knows them.
+
+Our module names are the original single-file (LDM) names, so that layout is mostly a matter of
+prefixes. The diffusers layout renames blocks; its renames are *generated* by walking the same
+block structure the models' constructors walk, then applying a small suffix table per block kind.
+Every function here is a pure `dict[str, Tensor] -> dict[str, Tensor]` (or works on config
+dicts); none of them imports a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Original single-file (LDM) layout.
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+OPENAI_TEXT_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+OPENCLIP_TEXT_PREFIX = "cond_stage_model.model."
+EMA_PREFIX = "model_ema."
+
+# Keys of a single-file checkpoint that are not weights of the three networks: schedule buffers,
+# the training-time VAE loss, OpenCLIP's projection heads and bookkeeping.
+SINGLE_FILE_IGNORED_PREFIXES = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus", "posterior_",
+    "logvar", "model_ema.", "first_stage_model.loss.", "cond_stage_model.model.text_projection",
+    "cond_stage_model.model.logit_scale", "cond_stage_model.model.visual.", "lvlb_weights",
+)  # fmt: skip
+
+
+def _take_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def split_single_file(sd: dict[str, torch.Tensor], use_ema: bool = True) -> dict:
+    """Split an original single-file checkpoint into our three state dicts.
+
+    Returns {"unet", "vae", "text", "text_format" ("openai" | "openclip"), "ema_used", "unknown"}
+    where "unknown" lists keys that belong to none of the networks (for a strict error).
+    """
+    unet = _take_prefix(sd, UNET_PREFIX)
+    ema_used = False
+    if use_ema and any(k.startswith(EMA_PREFIX) for k in sd):
+        ema = extract_ema(sd, unet.keys())
+        if ema is not None:
+            unet, ema_used = ema, True
+    vae = {k: v for k, v in _take_prefix(sd, VAE_PREFIX).items() if not k.startswith("loss.")}
+    if any(k.startswith(OPENCLIP_TEXT_PREFIX) for k in sd):
+        text_format = "openclip"
+        text = openclip_to_ours(_take_prefix(sd, OPENCLIP_TEXT_PREFIX))
+    else:
+        text_format = "openai"
+        prefix = next((p for p in OPENAI_TEXT_PREFIXES if any(k.startswith(p + "embeddings.") for k in sd)), None)
+        text = _take_prefix(sd, prefix) if prefix else {}
+        text.pop("embeddings.position_ids", None)
+    known = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", *SINGLE_FILE_IGNORED_PREFIXES)
+    unknown = [k for k in sd if not k.startswith(known)]
+    return {"unet": unet, "vae": vae, "text": text, "text_format": text_format,
+            "ema_used": ema_used, "unknown": unknown}  # fmt: skip
+
+
+def extract_ema(sd: dict[str, torch.Tensor], unet_keys: Iterable[str]) -> dict[str, torch.Tensor] | None:
+    """The EMA copy of the U-Net: LDM stores it under `model_ema.` with the dots of
+    `diffusion_model.<key>` removed. None when the copy is incomplete."""
+    out = {}
+    for key in unet_keys:
+        ema_key = EMA_PREFIX + ("diffusion_model." + key).replace(".", "")
+        if ema_key not in sd:
+            return None
+        out[key] = sd[ema_key]
+    return out
+
+
+def join_single_file(unet: dict, vae: dict, text: dict, text_format: str) -> dict[str, torch.Tensor]:
+    """Our three state dicts -> one original-layout state dict."""
+    out = {UNET_PREFIX + k: v for k, v in unet.items()}
+    out.update({VAE_PREFIX + k: v for k, v in vae.items()})
+    if text_format == "openclip":
+        out.update({OPENCLIP_TEXT_PREFIX + k: v for k, v in ours_to_openclip(text).items()})
+    else:
+        out.update({OPENAI_TEXT_PREFIXES[0] + k: v for k, v in text.items()})
+    return out
+
+
+# OpenCLIP text tower <-> transformers CLIP names (ours). Fused in_proj is split into q, k, v.
+_OPENCLIP_RENAMES = [
+    ("token_embedding.weight", "embeddings.token_embedding.weight"),
+    ("positional_embedding", "embeddings.position_embedding.weight"),
+    ("ln_final.", "final_layer_norm."),
+    ("transformer.resblocks.", "encoder.layers."),
+    (".ln_1.", ".layer_norm1."),
+    (".ln_2.", ".layer_norm2."),
+    (".attn.out_proj.", ".self_attn.out_proj."),
+    (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."),
+]
+_OPENCLIP_DROPPED = ("text_projection", "logit_scale", "visual.", "attn_mask")
+
+
+def openclip_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(_OPENCLIP_DROPPED):
+            continue
+        if ".attn.in_proj_" in key:
+            base, kind = key.split(".attn.in_proj_")  # kind: "weight" | "bias"
+            base = _rename(base + ".", _OPENCLIP_RENAMES)
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{base}self_attn.{name}.{kind}"] = part
+            continue
+        out[_rename(key, _OPENCLIP_RENAMES)] = value
+    return out
+
+
+def ours_to_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    reverse = [(b, a) for a, b in _OPENCLIP_RENAMES]
+    out = {}
+    for key, value in sd.items():
+        if ".self_attn.q_proj." in key:
+            base, kind = key.split(".self_attn.q_proj.")
+            parts = [sd[f"{base}.self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")]
+            out[_rename(base + ".", reverse) + "attn.in_proj_" + kind] = torch.cat(parts, dim=0)
+        elif ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
+            continue
+        else:
+            out[_rename(key, reverse)] = value
+    return out
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str:
+    for old, new in table:
+        if old in key:
+            key = key.replace(old, new)
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers / transformers layout.
+
+# Suffixes inside one block, ours -> diffusers.
+_UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}  # fmt: skip
+_VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
+_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# Names of diffusers' VAE attention before 0.14, still found in older folders.
+_VAE_ATTENTION_LEGACY = {"group_norm": "group_norm", "query": "to_q", "key": "to_k", "value": "to_v",
+                         "proj_attn": "to_out.0"}  # fmt: skip
+
+
+def unet_block_pairs(channel_mult: tuple[int, ...], num_res_blocks: int, attention_levels: Iterable[int]):
+    """(our module path, diffusers module path, suffix table) for every U-Net module, in the
+    order UNetModel's constructor creates them."""
+    attention_levels = set(attention_levels)
+    levels = len(channel_mult)
+    pairs = [("time_embed.0", "time_embedding.linear_1", {}), ("time_embed.2", "time_embedding.linear_2", {}),
+             ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}), ("out.2", "conv_out", {}),
+             ("middle_block.0", "mid_block.resnets.0", _UNET_RESNET),
+             ("middle_block.1", "mid_block.attentions.0", {}),
+             ("middle_block.2", "mid_block.resnets.1", _UNET_RESNET)]  # fmt: skip
+    n = 1
+    for level in range(levels):
+        for j in range(num_res_blocks):
+            pairs.append((f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{j}", _UNET_RESNET))
+            if level in attention_levels:
+                pairs.append((f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{j}", {}))
+            n += 1
+        if level != levels - 1:
+            pairs.append((f"input_blocks.{n}.0.op", f"down_blocks.{level}.downsamplers.0.conv", {}))
+            n += 1
+    n = 0
+    for up, level in enumerate(reversed(range(levels))):
+        for i in range(num_res_blocks + 1):
+            pairs.append((f"output_blocks.{n}.0", f"up_blocks.{up}.resnets.{i}", _UNET_RESNET))
+            has_attention = level in attention_levels
+            if has_attention:
+                pairs.append((f"output_blocks.{n}.1", f"up_blocks.{up}.attentions.{i}", {}))
+            if level and i == num_res_blocks:
+                pairs.append((f"output_blocks.{n}.{2 if has_attention else 1}.conv",
+                              f"up_blocks.{up}.upsamplers.0.conv", {}))  # fmt: skip
+            n += 1
+    return pairs
+
+
+def vae_block_pairs(levels: int, num_res_blocks: int):
+    """(our module path, diffusers module path, suffix table) for every VAE module."""
+    pairs = [("quant_conv", "quant_conv", {}), ("post_quant_conv", "post_quant_conv", {})]
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_in", f"{part}.conv_in", {}), (f"{part}.conv_out", f"{part}.conv_out", {}),
+                  (f"{part}.norm_out", f"{part}.conv_norm_out", {}),
+                  (f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET),
+                  (f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", _VAE_ATTENTION),
+                  (f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET)]  # fmt: skip
+    for i in range(levels):
+        for j in range(num_res_blocks):
+            pairs.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET))
+        if i != levels - 1:
+            pairs.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", {}))
+        up = levels - 1 - i  # diffusers counts decoder blocks from the deepest level
+        for j in range(num_res_blocks + 1):
+            pairs.append((f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", _VAE_RESNET))
+        if i:
+            pairs.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv", {}))
+    return pairs
+
+
+def _rename_by_pairs(sd: dict, pairs: list[tuple[str, str, dict]]) -> dict:
+    """Rename each key by the longest matching module prefix, then its block's suffix table.
+    Keys that match nothing are kept as they are, so a strict load reports them by name."""
+    by_prefix = {src: (dst, table) for src, dst, table in pairs}
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            src = ".".join(parts[:cut])
+            if src in by_prefix:
+                dst, table = by_prefix[src]
+                rest = ".".join(parts[cut:])
+                for old, new in table.items():
+                    if rest == old or rest.startswith(old + "."):
+                        rest = new + rest[len(old):]
+                        break
+                key = f"{dst}.{rest}"
+                break
+        out[key] = value
+    return out
+
+
+def _reverse(pairs):
+    return [(dst, src, {v: k for k, v in table.items()}) for src, dst, table in pairs]
+
+
+def unet_ours_to_diffusers(sd: dict, channel_mult, num_res_blocks, attention_levels) -> dict:
+    return _rename_by_pairs(sd, unet_block_pairs(channel_mult, num_res_blocks, attention_levels))
+
+
+def unet_diffusers_to_ours(sd: dict, channel_mult, num_res_blocks, attention_levels) -> dict:
+    return _rename_by_pairs(sd, _reverse(unet_block_pairs(channel_mult, num_res_blocks, attention_levels)))
+
+
+def _is_vae_attention_weight(key: str) -> bool:
+    return ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
+
+
+def vae_ours_to_diffusers(sd: dict, levels: int, num_res_blocks: int) -> dict:
+    # Our attention projections are 1x1 convolutions ([C, C, 1, 1]); diffusers' are Linear ([C, C]).
+    sd = {k: (v[:, :, 0, 0] if _is_vae_attention_weight(k) else v) for k, v in sd.items()}
+    return _rename_by_pairs(sd, vae_block_pairs(levels, num_res_blocks))
+
+
+def vae_diffusers_to_ours(sd: dict, levels: int, num_res_blocks: int) -> dict:
+    pairs = _reverse(vae_block_pairs(levels, num_res_blocks))
+    legacy = {v: k for k, v in _VAE_ATTENTION.items()}
+    legacy.update({old: legacy[new] for old, new in _VAE_ATTENTION_LEGACY.items()})
+    pairs = [(src, dst, legacy if table and "group_norm" in table else table) for src, dst, table in pairs]
+    out = _rename_by_pairs(sd, pairs)
+    return {k: (v[:, :, None, None] if _is_vae_attention_weight(k) and v.ndim == 2 else v) for k, v in out.items()}
+
+
+TEXT_PREFIX = "text_model."
+TEXT_IGNORED = ("text_model.embeddings.position_ids", "text_projection.", "logit_scale")
+
+
+def text_transformers_to_ours(sd: dict) -> dict:
+    return {k[len(TEXT_PREFIX):] if k.startswith(TEXT_PREFIX) else k: v
+            for k, v in sd.items() if not k.startswith(TEXT_IGNORED)}  # fmt: skip
+
+
+def text_ours_to_transformers(sd: dict) -> dict:
+    return {TEXT_PREFIX + k: v for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers / transformers config.json <-> our config fields (plain dicts: no model import).
+
+
+def unet_config_from_diffusers(c: dict) -> dict:
+    blocks = list(c.get("block_out_channels", (320, 640, 1280, 1280)))
+    mc = blocks[0]
+    if any(b % mc for b in blocks):
+        raise ValueError(f"block_out_channels {blocks} are not multiples of the first")
+    down = c.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    layers = c.get("layers_per_block", 2)
+    if not isinstance(layers, int):
+        raise ValueError(f"per-level layers_per_block {layers} is not supported")
+    # diffusers' `attention_head_dim` is, despite its name, the number of heads (a known misnomer);
+    # `num_attention_heads` takes precedence when set.
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    if isinstance(heads, int):
+        heads_fields = {"num_heads": heads, "head_dim": None}
+    else:
+        widths = {b // h for b, h in zip(blocks, heads)}
+        same_heads = len(set(heads)) == 1
+        if same_heads:
+            heads_fields = {"num_heads": heads[0], "head_dim": None}
+        elif len(widths) == 1:
+            heads_fields = {"num_heads": None, "head_dim": widths.pop()}
+        else:
+            raise ValueError(f"attention_head_dim {heads} is neither constant heads nor constant head width")
+    depth = c.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        raise ValueError(f"per-level transformer_layers_per_block {depth} is not supported")
+    return {
+        "in_channels": c.get("in_channels", 4),
+        "out_channels": c.get("out_channels", 4),
+        "model_channels": mc,
+        "channel_mult": tuple(b // mc for b in blocks),
+        "num_res_blocks": layers,
+        "attention_levels": tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn")),
+        **heads_fields,
+        "transformer_depth": depth,
+        "context_dim": c.get("cross_attention_dim", 768),
+        "use_linear_proj": bool(c.get("use_linear_projection", False)),
+        "upcast_attention": bool(c.get("upcast_attention", False)),
+        "norm_groups": c.get("norm_num_groups", 32),
+    }
+
+
+def unet_config_to_diffusers(u: dict) -> dict:
+    mc, mult, att = u["model_channels"], u["channel_mult"], set(u["attention_levels"])
+    blocks = [mc * m for m in mult]
+    heads = [u["num_heads"] or b // u["head_dim"] for b in blocks]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": u["in_channels"],
+        "out_channels": u["out_channels"],
+        "block_out_channels": blocks,
+        "layers_per_block": u["num_res_blocks"],
+        "down_block_types": ["CrossAttnDownBlock2D" if i in att else "DownBlock2D" for i in range(len(mult))],
+        "up_block_types": ["CrossAttnUpBlock2D" if i in att else "UpBlock2D" for i in reversed(range(len(mult)))],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "attention_head_dim": heads if u["num_heads"] is None else u["num_heads"],
+        "transformer_layers_per_block": u["transformer_depth"],
+        "cross_attention_dim": u["context_dim"],
+        "use_linear_projection": u["use_linear_proj"],
+        "upcast_attention": u["upcast_attention"],
+        "norm_num_groups": u["norm_groups"],
+        "norm_eps": 1e-5,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "act_fn": "silu",
+        "center_input_sample": False,
+        "downsample_padding": 1,
+    }
+
+
+def vae_config_from_diffusers(c: dict) -> dict:
+    blocks = list(c.get("block_out_channels", (128, 256, 512, 512)))
+    ch = blocks[0]
+    return {
+        "in_channels": c.get("in_channels", 3),
+        "out_channels": c.get("out_channels", 3),
+        "ch": ch,
+        "ch_mult": tuple(b // ch for b in blocks),
+        "num_res_blocks": c.get("layers_per_block", 2),
+        "z_channels": c.get("latent_channels", 4),
+        "norm_groups": c.get("norm_num_groups", 32),
+        "scaling_factor": c.get("scaling_factor", 0.18215),
+    }
+
+
+def vae_config_to_diffusers(v: dict) -> dict:
+    blocks = [v["ch"] * m for m in v["ch_mult"]]
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": v["in_channels"],
+        "out_channels": v["out_channels"],
+        "block_out_channels": blocks,
+        "down_block_types": ["DownEncoderBlock2D"] * len(blocks),
+        "up_block_types": ["UpDecoderBlock2D"] * len(blocks),
+        "layers_per_block": v["num_res_blocks"],
+        "latent_channels": v["z_channels"],
+        "norm_num_groups": v["norm_groups"],
+        "scaling_factor": v["scaling_factor"],
+        "act_fn": "silu",
+    }
+
+
+def text_config_from_transformers(c: dict) -> dict:
+    act = c.get("hidden_act", "quick_gelu")
+    if act == "gelu_pytorch_tanh":
+        raise ValueError("hidden_act gelu_pytorch_tanh is not a CLIP text tower activation we support")
+    return {
+        "vocab_size": c.get("vocab_size", 49408),
+        "width": c.get("hidden_size", 768),
+        "layers": c.get("num_hidden_layers", 12),
+        "heads": c.get("num_attention_heads", 12),
+        "mlp_ratio": c.get("intermediate_size", 3072) // c.get("hidden_size", 768),
+        "max_positions": c.get("max_position_embeddings", 77),
+        "activation": act,
+        "layer_norm_eps": c.get("layer_norm_eps", 1e-5),
+        "skip_layers": 0,
+    }
+
+
+def text_config_to_transformers(t: dict, bos_id: int, eos_id: int, pad_id: int) -> dict:
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": t["vocab_size"],
+        "hidden_size": t["width"],
+        "intermediate_size": t["width"] * t["mlp_ratio"],
+        "num_hidden_layers": t["layers"],
+        "num_attention_heads": t["heads"],
+        "max_position_embeddings": t["max_positions"],
+        "hidden_act": t["activation"],
+        "layer_norm_eps": t["layer_norm_eps"],
+        "projection_dim": t["width"],
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+    }
