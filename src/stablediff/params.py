@@ -1,0 +1,277 @@
+"""GenerationParams: the one record of "what to generate", shared by the Python API, the CLI, the
+web front end, PNG metadata and tests.
+
+Two text forms:
+
+* JSON (``to_json_dict`` / ``from_json_dict``): every field that JSON can hold. In-memory images and
+  the ``latents`` tensor cannot be stored; the dict records that they were given (``*_given``
+  flags) so a reader knows the file alone does not reproduce the image. Image *paths* are stored.
+* AUTOMATIC1111 "infotext" (``to_a1111`` / ``parse_a1111``): the ``parameters`` PNG text that the
+  popular web UIs read and write, e.g.::
+
+      a cat
+      Negative prompt: blurry
+      Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from PIL import Image
+
+SCHEDULES = ("default", "karras", "exponential")
+
+# Our sampler names -> AUTOMATIC1111's display names (its "Sampler:" field).
+A1111_SAMPLERS = {
+    "euler_a": "Euler a", "euler": "Euler", "lms": "LMS", "heun": "Heun", "dpm2": "DPM2",
+    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2s_a": "DPM++ 2S a", "ddim": "DDIM", "plms": "PLMS", "unipc": "UniPC", "lcm": "LCM",
+    "ddpm": "DDPM",
+}
+# "default" is each sampler's own default spacing, which is what A1111 calls "Automatic".
+A1111_SCHEDULES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+
+_JSON_FORMAT = "stablediff.GenerationParams/1"
+_NOT_JSON = ("init_image", "mask", "latents")  # fields with a special JSON form
+_SEED_LIMIT = 2**64
+# One "Key: value" item of the infotext's last line. A value is either a JSON string in double
+# quotes (A1111 quotes values that contain "," ":" or a newline) or runs to the next comma.
+_ITEM = re.compile(r'\s*(\w[\w /-]+):\s*("(?:[^"\\]|\\.)+"|[^,]*)(?:,|$)')
+
+
+@dataclass
+class GenerationParams:
+    """Everything that decides one generation (besides the model).
+
+    ``clip_skip`` follows AUTOMATIC1111: 1 = the text encoder's last layer (the normal output),
+    2 = the penultimate layer (as "Clip skip: 2" in A1111; diffusers' ``clip_skip=1``), and so on.
+    ``seed`` seeds a CPU ``torch.Generator``; ``latents``, when given, replaces the drawn noise: a
+    unit-variance tensor ``[batch_size, C, height // 8, width // 8]`` (C = the VAE's latent channels,
+    4 for SD1/SD2). ``init_image``/``mask`` are a PIL image or a path; with an ``init_image`` the run
+    is img2img (``strength`` in [0, 1] is the fraction of the schedule re-run), with a ``mask`` too
+    it is inpainting (white = repaint).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    sampler: str = "dpmpp_2m"
+    schedule: str = "default"
+    seed: int = 0
+    batch_size: int = 1
+    clip_skip: int = 1
+    strength: float = 0.75
+    init_image: Image.Image | str | os.PathLike[str] | None = None
+    mask: Image.Image | str | os.PathLike[str] | None = None
+    # Tensors have no single truth value, so == between two params ignores latents (and repr hides them).
+    latents: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def validate(self, valid_samplers: Sequence[str] | None = None) -> GenerationParams:
+        """Raise ``ValueError`` (naming the bad value and what is allowed) or return ``self``.
+
+        ``valid_samplers`` defaults to the registry in ``stablediff.diffusion.samplers``.
+        """
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0 or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+        for name in ("steps", "batch_size", "clip_skip"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("guidance_scale", "guidance_rescale", "strength"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {self.strength!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+        if valid_samplers is None:
+            from stablediff.diffusion.samplers import SAMPLERS  # lazy: keeps params import light
+
+            valid_samplers = list(SAMPLERS)
+        if self.sampler not in valid_samplers:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid choices: "
+                             f"{', '.join(sorted(valid_samplers))}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (Image.Image, str, os.PathLike)):
+                raise ValueError(f"{name} must be None, a PIL image or a path, got {type(value).__name__}")
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("a mask needs an init_image (inpainting repaints part of a given image)")
+        if self.init_image is not None and int(self.steps * self.strength) < 1:
+            # diffusers runs int(steps * strength) steps of img2img; zero would return the input.
+            raise ValueError(f"strength {self.strength} with {self.steps} steps leaves zero steps: "
+                             f"need int(steps * strength) >= 1")
+        if self.latents is not None:
+            self._check_latents()
+        return self
+
+    def _check_latents(self) -> None:
+        lat = self.latents
+        if not isinstance(lat, torch.Tensor):
+            raise ValueError(f"latents must be a torch.Tensor or None, got {type(lat).__name__}")
+        want = (self.batch_size, self.height // 8, self.width // 8)
+        if lat.ndim != 4 or (lat.shape[0], lat.shape[2], lat.shape[3]) != want:
+            raise ValueError(f"latents must have shape [{want[0]}, C, {want[1]}, {want[2]}] "
+                             f"(batch_size, channels, height/8, width/8), got {list(lat.shape)}")
+
+    # ---- JSON ---------------------------------------------------------------------------------
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict. Paths of ``init_image``/``mask`` are kept; in-memory images and
+        ``latents`` are stored as ``None`` with ``<name>_given: true``, which marks a record that
+        cannot reproduce its image on its own."""
+        out: dict[str, Any] = {"format": _JSON_FORMAT}
+        for f in fields(self):
+            if f.name not in _NOT_JSON:
+                out[f.name] = getattr(self, f.name)
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            out[name] = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            out[f"{name}_given"] = value is not None
+        out["latents"] = None
+        out["latents_given"] = self.latents is not None
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> GenerationParams:
+        """Inverse of ``to_json_dict`` (not validated: call ``validate``). Unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        extra = {"format", "init_image_given", "mask_given", "latents_given"}
+        unknown = sorted(set(data) - known - extra)
+        if unknown:
+            raise ValueError(f"unknown GenerationParams keys {unknown}; known: {sorted(known)}")
+        if "prompt" not in data:
+            raise ValueError("GenerationParams JSON needs a 'prompt'")
+        kwargs = {k: v for k, v in data.items() if k in known and k != "latents"}
+        return cls(**kwargs)
+
+    # ---- AUTOMATIC1111 infotext ---------------------------------------------------------------
+
+    def to_a1111(self, model_hash: str | None = None, model_name: str | None = None,
+                 seed: int | None = None) -> str:
+        """The AUTOMATIC1111 ``parameters`` text for one image (``seed`` overrides ``self.seed``,
+        e.g. for the i-th image of a batch). Fields follow A1111's order; ``None`` ones are left out
+        as A1111 does. Keys A1111 lacks: "CFG Rescale" (the CFG_Rescale_webui extension's key)."""
+        from stablediff import __version__  # lazy: the package may import this module
+
+        items: dict[str, Any] = {
+            "Steps": self.steps,
+            "Sampler": A1111_SAMPLERS.get(self.sampler, self.sampler),
+            "Schedule type": A1111_SCHEDULES.get(self.schedule, self.schedule),
+            "CFG scale": float(self.guidance_scale),
+            "Seed": self.seed if seed is None else seed,
+            "Size": f"{self.width}x{self.height}",
+            "Model hash": model_hash,
+            "Model": model_name,
+            "Denoising strength": float(self.strength) if self.init_image is not None else None,
+            "Clip skip": self.clip_skip if self.clip_skip > 1 else None,  # A1111 omits the default
+            "CFG Rescale": float(self.guidance_rescale) if self.guidance_rescale > 0 else None,
+            "Version": f"stablediff {__version__}",
+        }
+        line = ", ".join(f"{k}: {_quote(v)}" for k, v in items.items() if v is not None)
+        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        return f"{self.prompt}{negative}\n{line}".strip()
+
+    @classmethod
+    def from_a1111(cls, text: str) -> GenerationParams:
+        """Fields read back from A1111 text (unknown samplers/schedules are kept as written, for
+        ``validate`` to reject; images and latents are not part of the text)."""
+        info = parse_a1111(text)
+        samplers = {v: k for k, v in A1111_SAMPLERS.items()}
+        schedules = {v: k for k, v in A1111_SCHEDULES.items()}
+        sampler, schedule = info.get("Sampler", "DPM++ 2M"), info.get("Schedule type", "Automatic")
+        for label in ("Karras", "Exponential"):  # before A1111 1.9: "DPM++ 2M Karras"
+            if sampler.endswith(" " + label) and sampler[: -len(label) - 1] in samplers:
+                sampler, schedule = sampler[: -len(label) - 1], label
+        params = cls(prompt=info["Prompt"], negative_prompt=info["Negative prompt"],
+                     sampler=samplers.get(sampler, sampler), schedule=schedules.get(schedule, schedule))
+        conversions = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
+                       "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
+                       "Denoising strength": ("strength", float), "CFG Rescale": ("guidance_rescale", float)}
+        for key, (name, kind) in conversions.items():
+            if key in info:
+                try:
+                    setattr(params, name, kind(info[key]))
+                except ValueError:
+                    raise ValueError(f"A1111 field {key!r} has a bad value {info[key]!r}") from None
+        if "Size" in info:
+            match = re.fullmatch(r"(\d+)x(\d+)", info["Size"])
+            if match is None:
+                raise ValueError(f"A1111 field 'Size' must be WIDTHxHEIGHT, got {info['Size']!r}")
+            params.width, params.height = int(match[1]), int(match[2])
+        return params
+
+
+def parse_a1111(text: str) -> dict[str, str]:
+    """Read A1111 ``parameters`` text: ``{"Prompt", "Negative prompt", <key>: <value>...}``, every
+    value a str, quoted values unquoted (so commas and colons inside them survive).
+
+    As in A1111, the last line is the settings line only if it holds at least 3 "Key: value" items;
+    otherwise it belongs to the prompt. Lines from "Negative prompt:" on are the negative prompt.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    *lines, last = text.strip().split("\n")
+    if len(_ITEM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if not negative and line.startswith("Negative prompt:"):
+            negative.append(line[len("Negative prompt:"):].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _ITEM.findall(last):
+        out[key] = _unquote(value.strip())
+    return out
+
+
+def _quote(value: object) -> str:
+    """A1111's rule: a value containing "," ":" or a newline is written as a JSON string."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text  # A1111 also keeps a malformed quoted value as written
+        return value if isinstance(value, str) else text
+    return text
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,234 @@
+"""Prompt emphasis syntax and long-prompt chunking, as in the AUTOMATIC1111 web UI.
+
+Three steps turn a prompt into text-encoder conditioning (see docs/prompts.md):
+
+1. ``parse_prompt``: ``"a (red:1.3) [car]"`` -> ``[("a ", 1.0), ("red", 1.3), (" ", 1.0), ("car", 0.909...)]``.
+2. ``tokenize_prompt``: the pieces -> ``Chunk`` s of ``tokenizer.max_length`` (77) ids and weights:
+   BOS, up to 75 tokens, EOS, padding. A prompt longer than 75 tokens gets several chunks.
+3. ``encode_chunks``: each chunk through the text encoder, weighted, concatenated -> ``[1, 77*n, D]``.
+
+A plain prompt of at most 75 tokens gives exactly ``tokenizer(prompt)`` and exactly the encoder's
+output, so it matches diffusers bit for bit. No model imports: the encoder is a callable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+ROUND = 1.1  # "(x)" multiplies attention by this
+SQUARE = 1 / 1.1  # "[x]"; A1111 multiplies by 1/1.1 rather than dividing, and so do we (same bits)
+BREAK = ("BREAK", -1.0)  # marker in parse_prompt's output; A1111 uses the same pair
+COMMA_BACKTRACK = 20  # A1111's "comma padding backtrack" default, in tokens
+
+_TOKEN = re.compile(
+    r"""
+      \\(?P<escaped>[()\[\]\\])?          # "\(" "\)" "\[" "\]" "\\" are literal; a lone "\" is dropped
+    | (?P<open>[(\[])
+    | :\s*(?P<weight>[+-]?[.\d]+)\s*\)    # ":1.3)" closes a "(" and sets its weight
+    | (?P<close>[)\]])
+    | (?P<text>[^\\()\[\]:]+|:)           # plain text; a ":" that starts no weight is text
+    """,
+    re.VERBOSE,
+)
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")  # uppercase only, as a whole word; eats its spaces
+
+
+class Tokenizer(Protocol):
+    """What chunking needs from a tokenizer (``stablediff.tokenizer.CLIPTokenizer`` has it)."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    max_length: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One text-encoder input: ``ids`` and ``weights`` of length ``max_length`` (77).
+
+    ``ids`` = BOS, ``n_tokens`` prompt tokens, EOS, then ``pad_id`` up to the length.
+    ``weights`` are the emphasis of each prompt token and 1.0 for BOS, EOS and padding.
+    """
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+    n_tokens: int
+    pad_id: int
+
+    @property
+    def plain(self) -> bool:
+        """True when every weight is 1.0: encoding then returns the encoder's output untouched."""
+        return all(w == 1.0 for w in self.weights)
+
+    def blank(self) -> Chunk:
+        """The empty-prompt chunk in this chunk's framing (same BOS, EOS, pad and length)."""
+        return _frame([], [], bos=self.ids[0], eos=self.ids[self.n_tokens + 1], pad=self.pad_id,
+                      length=len(self.ids))
+
+
+def parse_prompt(text: str) -> list[tuple[str, float]]:
+    """Split ``text`` into ``(piece, weight)`` runs by the A1111 emphasis grammar.
+
+    ``(x)`` x1.1, ``[x]`` x(1/1.1), ``(x:w)`` x w, nesting multiplies; ``\\(`` ``\\)`` ``\\[``
+    ``\\]`` ``\\\\`` are literal characters. A close bracket without an open one is literal text;
+    a bracket left open applies its factor to the rest of the prompt. ``BREAK`` (uppercase, a word
+    of its own) becomes the ``BREAK`` marker ``("BREAK", -1.0)``. Adjacent runs of equal weight
+    are merged; an empty prompt gives ``[("", 1.0)]``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+    runs: list[list] = []  # [piece, weight, is_break]
+    rounds: list[int] = []  # indices into runs where each open bracket started
+    squares: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            if not run[2]:  # a BREAK keeps its meaning inside brackets (A1111 would scale it)
+                run[1] *= factor
+
+    for m in _TOKEN.finditer(text):
+        if m.group(0).startswith("\\"):
+            runs.append([m.group("escaped") or "", 1.0, False])
+        elif m.group("open") == "(":
+            rounds.append(len(runs))
+        elif m.group("open") == "[":
+            squares.append(len(runs))
+        elif m.group("weight") is not None and rounds and _is_float(m.group("weight")):
+            scale(rounds.pop(), float(m.group("weight")))
+        elif m.group("close") == ")" and rounds:
+            scale(rounds.pop(), ROUND)
+        elif m.group("close") == "]" and squares:
+            scale(squares.pop(), SQUARE)
+        else:  # text, or a bracket / weight with nothing to close: literal
+            for i, part in enumerate(_BREAK_WORD.split(m.group(0))):
+                if i:
+                    runs.append([*BREAK, True])
+                runs.append([part, 1.0, False])
+    for start in rounds:  # unclosed brackets reach to the end, as in A1111
+        scale(start, ROUND)
+    for start in squares:
+        scale(start, SQUARE)
+
+    merged: list[list] = []
+    for run in runs:
+        if merged and not run[2] and not merged[-1][2] and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    if not merged:
+        return [("", 1.0)]
+    return [BREAK if is_break else (piece, weight) for piece, weight, is_break in merged]
+
+
+def tokenize_prompt(tokenizer: Tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+    """Parse ``text`` and pack its tokens into chunks of ``max_length - 2`` (75) tokens.
+
+    When a chunk is full and the last comma in it is at most ``comma_backtrack`` tokens from its
+    end, the tokens after that comma move to the next chunk, so a phrase is not cut in two (A1111's
+    rule; 0 disables it). A ``BREAK`` always starts a new chunk. At least one chunk is returned.
+    """
+    size = tokenizer.max_length - 2
+    comma = tokenizer.encode(",")
+    comma_id = comma[0] if len(comma) == 1 else None
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1  # index in ``ids`` of the latest comma, -1 for none
+
+    def flush(keep_from: int | None = None) -> None:
+        nonlocal ids, weights, last_comma
+        cut = len(ids) if keep_from is None else keep_from
+        chunks.append(_frame(ids[:cut], weights[:cut], bos=tokenizer.bos_id, eos=tokenizer.eos_id,
+                             pad=tokenizer.pad_id, length=tokenizer.max_length))
+        ids, weights, last_comma = ids[cut:], weights[cut:], -1
+
+    for piece, weight in parse_prompt(text):
+        if (piece, weight) == BREAK:
+            flush()
+            continue
+        for token in tokenizer.encode(piece):
+            if len(ids) == size:
+                near = last_comma >= 0 and size - last_comma <= comma_backtrack
+                flush(last_comma + 1 if near and token != comma_id else None)
+            if token == comma_id:
+                last_comma = len(ids)
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        flush()
+    return chunks
+
+
+def pad_chunks(a: Sequence[Chunk], b: Sequence[Chunk]) -> tuple[list[Chunk], list[Chunk]]:
+    """Give both prompts the same number of chunks by appending empty-prompt chunks to the shorter
+    (the conditional and unconditional batches of CFG must have the same sequence length)."""
+    if not a or not b:
+        raise ValueError("each prompt must have at least one chunk (tokenize_prompt always gives one)")
+    a, b = list(a), list(b)
+    a += [a[0].blank()] * (len(b) - len(a))
+    b += [b[0].blank()] * (len(a) - len(b))
+    return a, b
+
+
+def encode_chunks(text_encoder: Callable[[Tensor], Tensor], chunks: Sequence[Chunk],
+                  device: torch.device | str | None = None) -> Tensor:
+    """Encode each chunk alone (``ids`` as a ``[1, 77]`` int64 tensor on ``device`` ->
+    ``[1, 77, D]``), apply its weights, and concatenate: ``[1, 77 * len(chunks), D]``.
+
+    A chunk whose weights are all 1.0 is passed through untouched, so a plain prompt gives
+    exactly the encoder's output.
+    """
+    if not chunks:
+        raise ValueError("encode_chunks needs at least one chunk")
+    out = []
+    for i, chunk in enumerate(chunks):
+        ids = torch.tensor([chunk.ids], dtype=torch.long, device=device)
+        z = text_encoder(ids)
+        if not isinstance(z, Tensor) or z.ndim != 3 or z.shape[:2] != ids.shape:
+            got = list(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"text_encoder must return a [1, {ids.shape[1]}, D] tensor; chunk {i} gave {got}")
+        out.append(z if chunk.plain else apply_weights(z, chunk.weights))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def apply_weights(z: Tensor, weights: Sequence[float]) -> Tensor:
+    """Emphasis as A1111 does it: ``z * w`` per token, then rescale so the mean over the whole
+    ``[1, L, D]`` tensor is what it was (so emphasis changes direction, not overall magnitude).
+
+    Means are taken in float32 (fp16 sums of 59k values lose precision). If the weighted mean is 0
+    the rescale is skipped rather than dividing by zero.
+    """
+    w = torch.tensor(list(weights), dtype=z.dtype, device=z.device).reshape(1, -1, 1)
+    original_mean = z.float().mean()
+    weighted = z * w
+    new_mean = weighted.float().mean()
+    if new_mean == 0 or not torch.isfinite(new_mean):
+        return weighted
+    return weighted * (original_mean / new_mean).to(z.dtype)
+
+
+def _frame(ids: list[int], weights: list[float], *, bos: int, eos: int, pad: int, length: int) -> Chunk:
+    """BOS + ids + EOS + padding, weights 1.0 outside the prompt tokens."""
+    n = len(ids)
+    assert n <= length - 2, "chunk overflow"
+    padding = length - 2 - n
+    return Chunk(ids=(bos, *ids, eos, *([pad] * padding)),
+                 weights=(1.0, *(float(w) for w in weights), 1.0, *([1.0] * padding)),
+                 n_tokens=n, pad_id=pad)
+
+
+def _is_float(text: str) -> bool:
+    # "[.\d]+" also matches "." or "1.2.3"; A1111 raises there, we keep such text literal.
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
