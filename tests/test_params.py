@@ -75,8 +75,7 @@ def test_strength_that_leaves_zero_steps():
 
 def test_latent_shape_checked():
     check(latents=torch.zeros(2, 4, 64, 32), batch_size=2, width=256, height=512)
-    with pytest.raises(ValueError, match=r"latents must have shape \[1, C, 64, 64\].*got \[1, 4, 32, 32\]"):
-        check(latents=torch.zeros(1, 4, 32, 32))
+    check(latents=torch.zeros(1, 4, 32, 32))  # the spatial size depends on the VAE: the pipeline checks it
     with pytest.raises(ValueError, match=r"got \[2, 4, 64, 64\]"):
         check(latents=torch.zeros(2, 4, 64, 64))
     with pytest.raises(ValueError, match=r"got \[4, 64, 64\]"):

@@ -8,6 +8,7 @@ about one copy of the weights. Two layouts are written, always as safetensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -70,9 +71,29 @@ def load_pipeline(
         raise ValueError(
             f"{str(path_or_preset)!r} is neither an existing file or folder nor a preset; presets are {sorted(PRESETS)}"
         )
+    if path.exists():
+        pipe.source = str(path.resolve())
     if prediction_type is not None:
         pipe.spec = ModelSpec(**{**vars(pipe.spec), "prediction_type": prediction_type})
     return pipe
+
+
+def default_model() -> str:
+    """The model used when none is named: $STABLEDIFF_MODEL, else the `tiny` preset."""
+    return os.environ.get("STABLEDIFF_MODEL") or "tiny"
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's "Model hash": the first 10 hex digits of the SHA-256 of the weights file
+    (of the U-Net's weights for a diffusers folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = _part_file(path, "unet")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
 
 
 def _build(spec: ModelSpec, unet_sd: dict, vae_sd: dict, text_sd: dict, tokenizer, device, dtype) -> StableDiffusion:
@@ -150,7 +171,8 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
     wrote the folder: it keeps the name and schedule facts that configs do not carry)."""
     unet_json = _read_json(folder / "unet" / "config.json")
     vae_cfg = VAEConfig(**convert.vae_config_from_diffusers(_read_json(folder / "vae" / "config.json")))
-    text_cfg = CLIPTextConfig(**convert.text_config_from_transformers(_read_json(folder / "text_encoder" / "config.json")))
+    text_json = _read_json(folder / "text_encoder" / "config.json")
+    text_cfg = CLIPTextConfig(**convert.text_config_from_transformers(text_json))
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(scheduler_path) if scheduler_path.is_file() else {}
     fields = dict(
@@ -177,7 +199,8 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
 
 
 def _cast(sd: dict, dtype: torch.dtype | None) -> dict:
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu() for k, v in sd.items()}
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
+    return {k: cast(v).detach().cpu() for k, v in sd.items()}
 
 
 def save(

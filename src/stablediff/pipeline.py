@@ -1,16 +1,49 @@
-"""The StableDiffusion object: the three networks, the tokenizer and the spec that ties them."""
+"""The StableDiffusion object: the three networks, the tokenizer and the spec, and generation.
+
+`generate(params)` runs txt2img, img2img (`init_image`, `strength`) or inpainting (`mask`) and
+returns PIL images. The steps follow diffusers' pipelines, including the order in which random
+numbers are drawn, so that the same weights, seed and settings give the same image:
+
+    encode prompt -> draw noise (CPU generator, seed + k for image k) -> sampling plan (sigmas)
+    -> denoiser (eps/v adapter, CFG, inpaint blending) -> sampler -> VAE decode -> images
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+from stablediff.diffusion import (
+    CFGDenoiser,
+    Denoiser,
+    InpaintDenoiser,
+    NoiseSchedule,
+    ScheduleConfig,
+    get_sampler,
+    sampling_plan,
+)
+from stablediff.image import (
+    image_to_tensor,
+    load_image,
+    load_mask,
+    mask_to_tensor,
+    resize_for_model,
+    tensor_to_images,
+)
 from stablediff.models.clip import CLIPTextModel
 from stablediff.models.unet import UNetModel
 from stablediff.models.vae import AutoencoderKL
+from stablediff.params import GenerationParams
 from stablediff.presets import ModelSpec
+from stablediff.prompts import encode_chunks, pad_chunks, tokenize_prompt
 from stablediff.tokenizer import CLIPTokenizer
+
+# callback(step, total_steps): called after each sampler step.
+ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass
@@ -22,6 +55,7 @@ class StableDiffusion:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     spec: ModelSpec
+    source: str | None = field(default=None)  # the file or folder it was loaded from
 
     @property
     def device(self) -> torch.device:
@@ -39,3 +73,135 @@ class StableDiffusion:
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """Our-named weights of the three networks: {"unet", "vae", "text"}."""
         return {"unet": self.unet.state_dict(), "vae": self.vae.state_dict(), "text": self.text_encoder.state_dict()}
+
+    def noise_schedule(self) -> NoiseSchedule:
+        s = self.spec
+        return NoiseSchedule(ScheduleConfig(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
+                                            beta_start=s.beta_start, beta_end=s.beta_end))  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> tuple[torch.Tensor, ...]:
+        """(cond, uncond) contexts, each [1, 77 * chunks, width]. Long prompts are split in
+        75-token chunks, `(word:1.3)` weights applied (see docs/prompts.md). `clip_skip` counts as
+        in the web UIs: 1 = the model's own layer, 2 = one layer earlier, ..."""
+        skip = self.text_encoder.config.skip_layers + clip_skip - 1
+
+        def encode(ids: torch.Tensor) -> torch.Tensor:
+            return self.text_encoder(ids, skip_layers=skip)
+
+        cond, uncond = pad_chunks(tokenize_prompt(self.tokenizer, prompt),
+                                  tokenize_prompt(self.tokenizer, negative_prompt))  # fmt: skip
+        return encode_chunks(encode, cond, self.device), encode_chunks(encode, uncond, self.device)
+
+    @torch.no_grad()
+    def generate(self, params: GenerationParams, callback: ProgressCallback | None = None) -> list[Image.Image]:
+        """Images for `params` (validated first; nothing is computed for invalid params)."""
+        return tensor_to_images(self.decode(self.sample_latents(params, callback)))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1], one image at a time
+        (VAE decoding memory grows fast with batch)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        return torch.cat([self.vae.decode(z[None].to(self.device, vae_dtype)).float() for z in latents])
+
+    @torch.no_grad()
+    def sample_latents(self, params: GenerationParams, callback: ProgressCallback | None = None) -> torch.Tensor:
+        """Run the sampler; returns the final scaled latents [B, 4, h, w] in float32."""
+        params.validate()
+        if self.spec.is_inpaint and params.mask is None:
+            raise ValueError(f"{self.spec.name} is an inpainting model: pass init_image and mask")
+        f = self.spec.vae.downscale
+        latent_shape = (1, self.spec.vae.z_channels, params.height // f, params.width // f)
+        if params.latents is not None and tuple(params.latents.shape[1:]) != latent_shape[1:]:
+            raise ValueError(f"latents have shape {tuple(params.latents.shape)}, expected "
+                             f"({params.batch_size}, {', '.join(map(str, latent_shape[1:]))})")  # fmt: skip
+
+        cond, uncond = self.encode_prompt(params.prompt, params.negative_prompt, params.clip_skip)
+        plan = sampling_plan(params.sampler, self.noise_schedule(), params.steps, params.schedule)
+        denoiser = Denoiser(self.unet, plan.schedule, self.spec.prediction_type, sigma_to_t=plan.sigma_to_t,
+                            net_dtype=self.dtype)  # fmt: skip
+        guided = CFGDenoiser(denoiser, params.guidance_scale, params.guidance_rescale)
+        start = 0 if params.init_image is None else plan.start_index(params.strength)
+        sigmas = plan.sigmas[start:]
+        total = (len(sigmas) - 1) * params.batch_size
+        # One image at a time, each from its own generator: image k of a batch is then bit-identical
+        # to a batch of one with seed + k (batched kernels may round differently).
+        results = []
+        for k in range(params.batch_size):
+            generator = torch.Generator().manual_seed(params.seed + k)
+            latents = None if params.latents is None else params.latents[k : k + 1]
+            init = _Start(self, params, plan, sigmas, generator, latent_shape, latents)
+            extra = {"context": cond, "uncond_context": uncond}
+            if init.concat is not None:
+                extra["concat"] = init.concat
+            blend = None
+            if init.latent_mask is not None and not self.spec.is_inpaint:
+                blend = InpaintDenoiser(guided, init.image_latents, init.latent_mask, init.noise,
+                                        first_sigma=float(sigmas[0]))  # fmt: skip
+            done = k * (len(sigmas) - 1)
+
+            def on_step(info: dict, done: int = done) -> None:
+                if callback is not None:
+                    callback(done + info["i"] + 1, total)
+
+            x = get_sampler(params.sampler)(plan.wrap_denoiser(blend or guided), init.x, sigmas, extra_args=extra,
+                                            callback=on_step, generator=generator)  # fmt: skip
+            if blend is not None:
+                x = blend.finalize(x, float(sigmas[-1]))
+            results.append((x * plan.output_scale).float())
+        return torch.cat(results)
+
+
+class _Start:
+    """The initial latent of one image and what inpainting needs, with random numbers drawn from
+    the image's generator in diffusers' order: the image's posterior sample, then the noise, then
+    the masked image's posterior sample.
+
+    txt2img starts from `noise * init_noise_sigma`; img2img from `image + noise * sigmas[0]`;
+    inpainting from pure noise at strength 1 (as diffusers), else like img2img.
+    """
+
+    def __init__(self, pipe: StableDiffusion, params: GenerationParams, plan, sigmas, generator: torch.Generator,
+                 latent_shape: tuple[int, ...], latents: torch.Tensor | None):  # fmt: skip
+        device, vae_dtype = pipe.device, next(pipe.vae.parameters()).dtype
+        self.image_latents = self.latent_mask = self.concat = None
+
+        def posterior_sample(image: torch.Tensor) -> torch.Tensor:
+            return pipe.vae.encode(image.to(device, vae_dtype)).sample(generator).float()
+
+        image = None
+        if params.init_image is not None:
+            picture = load_image(params.init_image)
+            image = image_to_tensor(resize_for_model(picture, params.width, params.height))
+        inpaint = params.mask is not None
+        full_strength_inpaint = inpaint and params.strength >= 1.0
+        # 9-channel models see the masked image through `concat`; they need the image's own latent
+        # only to start from a partly noised image.
+        if image is not None and not (pipe.spec.is_inpaint and full_strength_inpaint):
+            self.image_latents = posterior_sample(image)
+        if latents is not None:
+            self.noise = latents.float().to(device)
+        else:
+            self.noise = torch.randn(latent_shape, generator=generator).to(device)
+        if image is None or full_strength_inpaint:
+            self.x = self.noise * plan.init_noise_sigma
+        else:
+            self.x = self.image_latents + self.noise * float(sigmas[0])
+        if not inpaint:
+            return
+
+        mask_image = load_mask(params.mask)
+        if mask_image.size != picture.size:
+            raise ValueError(f"mask size {mask_image.width}x{mask_image.height} differs from the image size "
+                             f"{picture.width}x{picture.height}")  # fmt: skip
+        mask = mask_to_tensor(mask_image, params.width, params.height)  # [1, 1, H, W] in {0, 1}
+        self.latent_mask = F.interpolate(mask, size=latent_shape[-2:]).to(device)
+        if pipe.spec.is_inpaint:
+            self.concat = torch.cat([self.latent_mask, posterior_sample(image * (mask < 0.5))], dim=1)
+        else:
+            # diffusers encodes the masked image for every inpainting pipeline; a 4-channel model
+            # does not use it, but drawing its noise keeps the generator in step with diffusers'.
+            torch.randn(latent_shape, generator=generator)

@@ -142,7 +142,8 @@ def infer_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = _count(sd, "encoder.down.")
     mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    return VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
+    return VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1],
+                     out_channels=sd["decoder.conv_out.weight"].shape[0],
                      ch=ch, ch_mult=mult, num_res_blocks=_count(sd, "encoder.down.0.block."),
                      z_channels=sd["post_quant_conv.weight"].shape[0])  # fmt: skip
 

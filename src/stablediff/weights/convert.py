@@ -108,7 +108,7 @@ def openclip_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if ".attn.in_proj_" in key:
             base, kind = key.split(".attn.in_proj_")  # kind: "weight" | "bias"
             base = _rename(base + ".", _OPENCLIP_RENAMES)
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                 out[f"{base}self_attn.{name}.{kind}"] = part
             continue
         out[_rename(key, _OPENCLIP_RENAMES)] = value
@@ -291,7 +291,7 @@ def unet_config_from_diffusers(c: dict) -> dict:
     if isinstance(heads, int):
         heads_fields = {"num_heads": heads, "head_dim": None}
     else:
-        widths = {b // h for b, h in zip(blocks, heads)}
+        widths = {b // h for b, h in zip(blocks, heads, strict=True)}
         same_heads = len(set(heads)) == 1
         if same_heads:
             heads_fields = {"num_heads": heads[0], "head_dim": None}

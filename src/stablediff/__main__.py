@@ -1,0 +1,7 @@
+"""`python -m stablediff`: the command line."""
+
+import sys
+
+from stablediff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""The `stablediff` command line: generate, img2img, inpaint, info, convert.
+
+Every image written is a PNG carrying its parameters (A1111's `parameters` text and our JSON), so
+`stablediff generate --from image.png` reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stablediff import __version__
+from stablediff.diffusion import SAMPLERS
+from stablediff.image import read_png_metadata, save_png, unique_path
+from stablediff.loading import LAYOUTS, default_model, load_pipeline, model_hash, save
+from stablediff.params import SCHEDULES, GenerationParams
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+EXAMPLES = """examples:
+  stablediff generate "a red circle above a blue square" --seed 1
+  stablediff generate "a castle, (sunset:1.3)" --model v1-5-pruned-emaonly.safetensors --steps 30 \\
+      --sampler dpmpp_2m --schedule karras --width 512 --height 768
+  stablediff img2img "a watercolour painting" --init photo.jpg --strength 0.6
+  stablediff inpaint "a cat" --init room.png --mask mask.png
+  stablediff generate --from outputs/00003-1234.png          # the same image again
+  stablediff info outputs/00003-1234.png
+  stablediff convert model.ckpt model-diffusers --layout diffusers --dtype fp16
+"""
+
+# GenerationParams fields and their flags; None means "not given" so that --from can fill them.
+_PARAM_FLAGS = {
+    "negative_prompt": ("--negative", str, "what the image should not show"),
+    "width": ("--width", int, "image width in pixels, a multiple of 8"),
+    "height": ("--height", int, "image height in pixels, a multiple of 8"),
+    "steps": ("--steps", int, "sampler steps"),
+    "guidance_scale": ("--cfg", float, "classifier-free guidance scale (1 disables guidance)"),
+    "guidance_rescale": ("--rescale", float, "guidance rescale in [0, 1]"),
+    "sampler": ("--sampler", str, f"one of: {', '.join(SAMPLERS)}"),
+    "schedule": ("--schedule", str, f"sigma schedule: {', '.join(SCHEDULES)}"),
+    "seed": ("--seed", int, "random seed (default: a random one, recorded in the PNG)"),
+    "batch_size": ("--batch", int, "images per run; image k uses seed + k"),
+    "clip_skip": ("--clip-skip", int, "1 = the model's own text layer, 2 = one earlier, ..."),
+    "strength": ("--strength", float, "img2img/inpaint: fraction of the schedule re-run, in [0, 1]"),
+}
+
+
+def _add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (see docs/prompts.md for (word:1.3))")
+    for name, (flag, typ, text) in _PARAM_FLAGS.items():
+        if name == "strength" and kind == "generate":
+            continue
+        p.add_argument(flag, dest=name, type=typ, default=None, help=text)
+    if kind != "generate":
+        p.add_argument("--init", dest="init_image", required=kind != "generate", help="input image")
+    if kind == "inpaint":
+        p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    p.add_argument("--model", default=None, help="checkpoint file, diffusers folder or preset "
+                   "(default: $STABLEDIFF_MODEL or the bundled model)")  # fmt: skip
+    p.add_argument("--from", dest="from_png", default=None, help="take every parameter from a PNG we wrote")
+    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablediff", description="Stable Diffusion from the ground up.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"stablediff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for kind, text in (("generate", "text to image"), ("img2img", "image to image"), ("inpaint", "repaint a mask")):
+        _add_generation_args(sub.add_parser(kind, help=text, epilog=EXAMPLES,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter), kind)  # fmt: skip
+    info = sub.add_parser("info", help="print the parameters stored in a PNG")
+    info.add_argument("image")
+    conv = sub.add_parser("convert", help="single-file <-> diffusers folder, dtype cast, EMA extraction")
+    conv.add_argument("source", help="checkpoint file or diffusers folder")
+    conv.add_argument("target")
+    conv.add_argument("--layout", choices=LAYOUTS, default="single-file")
+    conv.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating weights")
+    conv.add_argument("--no-ema", dest="use_ema", action="store_false",
+                      help="keep the trained U-Net weights even when an EMA copy exists")  # fmt: skip
+    conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None)
+    conv.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _params_from_args(args: argparse.Namespace) -> tuple[GenerationParams, str | None]:
+    """GenerationParams from the flags, over those of --from PNG when given; and the model."""
+    values: dict = {}
+    model = None
+    if args.from_png:
+        stored = read_png_metadata(args.from_png)["stablediff"]
+        if stored is None:
+            raise ValueError(f"{args.from_png} has no stablediff parameters (not written by stablediff)")
+        if stored["params"].get("latents_given"):
+            raise ValueError(f"{args.from_png} was made from explicit latents, which a PNG cannot hold")
+        params = GenerationParams.from_json_dict(stored["params"])
+        values = {f.name: getattr(params, f.name) for f in fields(GenerationParams) if f.name != "latents"}
+        model = stored.get("model_path")
+    given = {k: v for k, v in vars(args).items() if k in values or k in _PARAM_FLAGS or k in ("init_image", "mask")}
+    values.update({k: v for k, v in given.items() if v is not None})
+    if args.prompt is not None:
+        values["prompt"] = args.prompt
+    if "prompt" not in values:
+        raise ValueError("a prompt is needed (or --from IMAGE.png)")
+    if values.get("seed") is None:
+        values["seed"] = secrets.randbelow(2**32)
+    return GenerationParams(**values), args.model or model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params, model = _params_from_args(args)
+    model = model or default_model()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is not a folder")
+    params.validate()
+    pipe = load_pipeline(model, device=args.device, dtype=DTYPES[args.dtype])
+    if params.width % (pipe.spec.vae.downscale) or params.height % pipe.spec.vae.downscale:
+        raise ValueError(f"width and height must be multiples of {pipe.spec.vae.downscale} for this model")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # checked now, created after sampling
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"output folder {out} is not writable" if existing == out else
+                              f"cannot create output folder {out}: {existing} is not writable")  # fmt: skip
+    bar = tqdm(total=params.steps, unit="step", desc="sampling", disable=None)
+
+    def progress(step: int, total: int) -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    images = pipe.generate(params, callback=progress)
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    digest = model_hash(pipe.source) if pipe.source else None
+    name = Path(pipe.source).stem if pipe.source else pipe.spec.name
+    model_ref = pipe.source or pipe.spec.name  # a preset is named by itself
+    for k, image in enumerate(images):
+        seed = params.seed + k
+        one = GenerationParams(**{**{f.name: getattr(params, f.name) for f in fields(params)},
+                                  "seed": seed, "batch_size": 1, "latents": None})  # fmt: skip
+        record = {"params": one.to_json_dict(), "model": name, "model_hash": digest, "model_path": model_ref,
+                  "version": __version__}  # fmt: skip
+        if params.latents is not None:
+            record["params"]["latents_given"] = True
+        path = unique_path(out, str(seed))
+        save_png(image, path, one.to_a1111(model_hash=digest, model_name=name), record, overwrite=args.overwrite)
+        print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    meta = read_png_metadata(args.image)
+    if meta["parameters"] is None and meta["stablediff"] is None:
+        raise ValueError(f"{args.image} carries no generation parameters")
+    if meta["parameters"] is not None:
+        print(meta["parameters"])
+    if meta["stablediff"] is not None:
+        print(json.dumps(meta["stablediff"], indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    pipe = load_pipeline(args.source, use_ema=args.use_ema, prediction_type=args.prediction_type)
+    path = save(pipe, args.target, layout=args.layout, dtype=DTYPES[args.dtype] if args.dtype else None,
+                overwrite=args.overwrite)  # fmt: skip
+    print(path)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "info": cmd_info,
+            "convert": cmd_convert}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, OSError) as err:
+        print(f"stablediff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

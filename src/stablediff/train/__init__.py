@@ -1,0 +1,1 @@
+"""Training: data (procedural shapes world, captioned folders, latent caches), losses, trainer loop."""

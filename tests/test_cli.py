@@ -1,0 +1,156 @@
+"""The command line, and the generation guarantees it exposes: reproducible seeds, batches, PNG
+metadata, and bad input that fails with a clear message and writes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stablediff.cli import main
+from stablediff.image import read_png_metadata
+from stablediff.loading import load_pipeline
+from stablediff.params import GenerationParams
+
+SMALL = ["--width", "64", "--height", "64", "--steps", "4"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_generate_info_and_reproduce_from_png(tmp_path, capsys):
+    code, out, _ = run(capsys, "generate", "a red circle", *SMALL, "--seed", "7", "--batch", "4",
+                       "--model", "tiny", "--out", str(tmp_path / "a"))  # fmt: skip
+    assert code == 0
+    paths = out.split()
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["00000-7.png", "00001-8.png", "00002-9.png", "00003-10.png"]
+    meta = read_png_metadata(paths[2])
+    assert meta["parameters"].startswith("a red circle\nSteps: 4, Sampler: DPM++ 2M")
+    assert "Seed: 9" in meta["parameters"]
+    assert meta["stablediff"]["params"]["seed"] == 9 and meta["stablediff"]["version"]
+
+    # image k of a batch of 4 equals a batch of one with seed + k, bit for bit
+    code, out, _ = run(capsys, "generate", "--from", paths[2], "--out", str(tmp_path / "b"))
+    assert code == 0
+    assert np.array_equal(pixels(paths[2]), pixels(out.strip()))
+
+    code, out, _ = run(capsys, "info", paths[0])
+    assert code == 0 and "Seed: 7" in out and '"seed": 7' in out
+
+
+def test_same_seed_same_pixels_twice():
+    pipe = load_pipeline("tiny")
+    params = GenerationParams("a blue star", width=64, height=64, steps=5, sampler="euler_a", seed=123)
+    first, second = pipe.generate(params)[0], pipe.generate(params)[0]
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    other = pipe.generate(GenerationParams(**{**params.__dict__, "seed": 124}))[0]
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def test_never_overwrites(tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    for _ in range(2):
+        assert run(capsys, "generate", "x", *SMALL, "--seed", "1", "--model", "tiny", "--out", str(out_dir))[0] == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["00000-1.png", "00001-1.png"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--width", "60"], "width must be a positive multiple of 8, got 60"),
+    (["--height", "0"], "height must be a positive multiple of 8, got 0"),
+    (["--steps", "0"], "steps must be an int >= 1, got 0"),
+    (["--cfg", "nan"], "guidance_scale must be a finite number, got (nan|inf)"),
+    (["--cfg", "inf"], "guidance_scale must be a finite number, got (nan|inf)"),
+    (["--sampler", "magic"], "unknown sampler 'magic'.*ddim"),
+])  # fmt: skip
+def test_bad_input_clear_error_and_no_file(tmp_path, capsys, args, message):
+    out_dir = tmp_path / "o"
+    code, _, err = run(capsys, "generate", "x", "--model", "tiny", "--out", str(out_dir), *args)
+    assert code == 2
+    assert __import__("re").search(message, err), err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_img2img_strength_errors(tmp_path, capsys):
+    init = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(init)
+    for strength, message in (("1.5", "strength must be in"), ("0.01", "leaves zero steps")):
+        code, _, err = run(capsys, "img2img", "x", "--init", str(init), "--strength", strength, *SMALL,
+                           "--model", "tiny", "--out", str(tmp_path / "o"))  # fmt: skip
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_inpaint_mask_size_and_bad_images(tmp_path, capsys):
+    init, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), "red").save(init)
+    Image.new("L", (32, 32), 255).save(mask)
+    code, _, err = run(capsys, "inpaint", "x", "--init", str(init), "--mask", str(mask), *SMALL,
+                       "--model", "tiny", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert code == 2 and "mask size 32x32 differs from the image size 64x64" in err, err
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "corrupt.png").write_bytes(init.read_bytes()[:60])
+    for bad, message in (("empty.png", "empty"), ("corrupt.png", "corrupt or truncated")):
+        code, _, err = run(capsys, "img2img", "x", "--init", str(tmp_path / bad), *SMALL, "--model", "tiny",
+                           "--out", str(tmp_path / "o"))  # fmt: skip
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """Make `folder` really read-only: chmod for ordinary users; root ignores permissions, so
+    for root the folder is made immutable (chattr +i, which root cannot write through either)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    else:
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+        undo = ["chattr", "-i", str(folder)]
+    try:
+        yield folder
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_read_only_output_folder(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro):
+        code, _, err = run(capsys, "generate", "x", *SMALL, "--model", "tiny", "--out", str(ro))
+        assert code == 2 and f"output folder {ro} is not writable" in err, err
+        code, _, err = run(capsys, "generate", "x", *SMALL, "--model", "tiny", "--out", str(ro / "sub"))
+        assert code == 2 and f"cannot create output folder {ro / 'sub'}" in err, err
+    assert list(ro.iterdir()) == []
+
+
+def test_convert_round_trip(tmp_path, capsys):
+    from stablediff.loading import save
+    from stablediff.weights.io import read_state_dict
+
+    src = save(load_pipeline("tiny", seed=4), tmp_path / "m.safetensors")
+    assert run(capsys, "convert", str(src), str(tmp_path / "d"), "--layout", "diffusers")[0] == 0
+    assert run(capsys, "convert", str(tmp_path / "d"), str(tmp_path / "h.safetensors"), "--dtype", "fp16")[0] == 0
+    half, full = read_state_dict(tmp_path / "h.safetensors"), read_state_dict(src)
+    assert set(half) == set(full)
+    for k, v in full.items():
+        assert half[k].dtype == torch.float16 and torch.equal(v.half(), half[k]), k
+    code, _, err = run(capsys, "convert", str(src), str(tmp_path / "h.safetensors"))
+    assert code == 2 and "exists" in err
+
+
+def test_python_dash_m_help():
+    result = subprocess.run([sys.executable, "-m", "stablediff", "generate", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "examples:" in result.stdout and "--sampler" in result.stdout
