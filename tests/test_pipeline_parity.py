@@ -39,8 +39,9 @@ def _reference_pipeline(kind: str, parts, folder, scheduler: str, options: dict)
 
     unet, vae, text, _, _ = parts
     scheduler_cls = getattr(diffusers, scheduler)
-    sched = scheduler_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                          **({"set_alpha_to_one": False, "clip_sample": False} if scheduler == "DDIMScheduler" else {}), **options)  # fmt: skip
+    if scheduler == "DDIMScheduler":  # SD's own DDIM settings
+        options = {**options, "set_alpha_to_one": False, "clip_sample": False}
+    sched = scheduler_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **options)
     cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
            "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]  # fmt: skip
     return cls(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=unet,

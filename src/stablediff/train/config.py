@@ -1,0 +1,164 @@
+"""TrainConfig: every knob of a training run, typed, validated, saved with the run.
+
+`--key=value` overrides are parsed against the field types (int, float, bool, str, optional and
+tuple fields), so a typo or a bad value is an error naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+STAGES = ("tokenizer", "vae", "text", "unet", "finetune")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+MIXED_PRECISION = ("no", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "unet"
+    data: str = ""  # a captioned folder, a latent cache (.safetensors), or "shapes" (drawn on the fly)
+    out: str = ""  # the run folder
+    seed: int = 0
+
+    # model size: a preset name from stablediff.presets, or a built-in training size ("shapes-small")
+    model: str = "tiny"
+    base: str = ""  # finetune: the checkpoint to continue; unet: where the frozen VAE/text come from
+    vae: str = ""  # unet stage: a trained VAE run folder or model (overrides `base` for the VAE)
+    text: str = ""  # unet stage: a trained text-encoder run folder (overrides `base` for text + tokenizer)
+    tokenizer: str = ""  # vae/text/unet: a trained tokenizer folder (default: the CLIP vocabulary)
+    resolution: int = 64
+    shapes_size: int = 50000  # when data == "shapes": how many distinct scenes the stream cycles over
+    center_crop: bool = True
+    flip: bool = False
+    caption_dropout: float = 0.1  # unet: probability of an empty caption (classifier-free guidance)
+
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_min_ratio: float = 0.1  # cosine decays to lr * lr_min_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.999  # 0 disables EMA
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    nonfinite: str = "stop"  # "stop" at the first non-finite loss, or "skip" the step and count it
+    num_workers: int = 0
+
+    # diffusion (unet, finetune)
+    prediction_type: str = "epsilon"
+    min_snr_gamma: float = 0.0  # 0 disables min-SNR weighting (Hang et al. 2023)
+
+    # vae
+    kl_weight: float = 1e-6
+    recon_loss: str = "l1"  # "l1" | "l2"
+    disc_weight: float = 0.0  # 0 disables the patch discriminator
+    disc_start: int = 0  # step at which the discriminator loss starts
+
+    # text (contrastive)
+    init_temperature: float = 0.07
+
+    # tokenizer
+    vocab_size: int = 1024
+
+    # bookkeeping
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    eval_every: int = 0
+    save_every: int = 500
+    keep_last: int = 2
+    eval_size: int = 256  # held-out examples for PSNR / retrieval accuracy
+
+    def __post_init__(self) -> None:
+        choices = {"stage": STAGES, "prediction_type": PREDICTION_TYPES, "mixed_precision": MIXED_PRECISION,
+                   "nonfinite": ("stop", "skip"), "recon_loss": ("l1", "l2")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        positive = ("steps", "batch_size", "grad_accum", "resolution", "log_every", "keep_last", "vocab_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("caption_dropout", "ema_decay", "lr_min_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls(**json.loads(text))
+
+    def save(self, path: Path) -> None:
+        from stablediff.weights.io import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+
+    # Fields that may differ between a run and its resumption without changing what is trained.
+    RESUMABLE_CHANGES = ("steps", "log_every", "sample_every", "eval_every", "save_every", "keep_last",
+                         "num_workers", "out", "nonfinite")  # fmt: skip
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Fields that differ from `other` and matter for resuming, as 'name: a != b'."""
+        names = [f.name for f in fields(self) if f.name not in self.RESUMABLE_CHANGES]
+        return [f"{n}: {getattr(other, n)!r} != {getattr(self, n)!r}" for n in names
+                if getattr(self, n) != getattr(other, n)]  # fmt: skip
+
+
+def _convert(name: str, kind, text: str):
+    """Parse `text` as the annotated type of field `name`."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _convert(name, args[0], text)
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}={text!r}: expected true or false")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"--{name}={text!r}: expected {kind.__name__}") from None
+    return text
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A new config with `key=value` (or `--key=value`) overrides applied, validated."""
+    hints = typing.get_type_hints(TrainConfig)
+    names = {f.name for f in fields(TrainConfig)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like --key=value")
+        if key not in names:
+            close = sorted(n for n in names if n[:3] == key[:3])
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown training option {key!r}{hint}")
+        changes[key] = _convert(key, hints[key], value)
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["STAGES", "TrainConfig", "apply_overrides"]
