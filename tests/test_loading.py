@@ -133,3 +133,19 @@ def test_loading_builds_on_meta_device(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
     load_pipeline(path)
     assert calls and set(calls) == {"meta"}
+
+
+def test_trained_tokenizer_travels_in_metadata(tmp_path):
+    """A model with its own (trained) vocabulary loads back with that vocabulary from one file."""
+    from stablediff.tokenizer import CLIPTokenizer
+
+    pipe = load_pipeline("tiny")
+    base = pipe.tokenizer
+    keep = [t for t, i in base.encoder.items() if i < 600]
+    vocab = {t: i for i, t in enumerate(keep + ["<|startoftext|>", "<|endoftext|>"])}
+    merges = [m for m in base.merges if "".join(m) in vocab][:80]
+    pipe.tokenizer = CLIPTokenizer(vocab, merges)
+    back = load_pipeline(save(pipe, tmp_path / "m.safetensors"))
+    assert back.tokenizer.encoder == vocab and back.tokenizer.merges == pipe.tokenizer.merges
+    assert back.tokenizer("a red circle") == pipe.tokenizer("a red circle")
+    assert not back.tokenizer.is_default_vocabulary() and load_pipeline("tiny").tokenizer.is_default_vocabulary()

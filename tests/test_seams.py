@@ -19,7 +19,7 @@ FORBIDDEN = {
     "prompts.py": ("stablediff.cli", "stablediff.web", "stablediff.train", "stablediff.models"),
     "image.py": ("stablediff.cli", "stablediff.web", "stablediff.train", "stablediff.models"),
     "cli.py": ("stablediff.models", "stablediff.weights.convert"),
-    "train/": ("stablediff.pipeline", "stablediff.cli", "stablediff.web"),
+    "train/": ("stablediff.cli", "stablediff.web"),  # the pipeline object is public API: samples, export
 }
 
 

@@ -30,6 +30,7 @@ from stablediff.weights.io import CheckpointError, read_metadata, read_state_dic
 from stablediff.weights.strict import load_strict
 
 SPEC_METADATA_KEY = "stablediff.spec"
+TOKENIZER_METADATA_KEY = "stablediff.tokenizer"  # a trained vocabulary (the CLIP one is package data)
 LAYOUTS = ("single-file", "diffusers")
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 _WEIGHT_FILES = {
@@ -122,13 +123,17 @@ def _load_single_file(path: Path, device, dtype, use_ema: bool, spec: ModelSpec 
             f"{path}: not a Stable Diffusion checkpoint: no keys start with {convert.UNET_PREFIX!r} "
             f"or {convert.VAE_PREFIX!r} (first keys: {parts['unknown'][:3]})"
         )
+    metadata = read_metadata(path)
     if spec is None:
-        stored = read_metadata(path).get(SPEC_METADATA_KEY)
+        stored = metadata.get(SPEC_METADATA_KEY)
         if stored:
             spec = ModelSpec.from_json(stored)
         else:
             spec = spec_from_parts(parts["unet"], parts["vae"], parts["text"], parts["text_format"], "epsilon")
-    tokenizer = CLIPTokenizer.default(pad_token=spec.pad_token)
+    if TOKENIZER_METADATA_KEY in metadata:
+        tokenizer = CLIPTokenizer.from_dict(json.loads(metadata[TOKENIZER_METADATA_KEY]))
+    else:
+        tokenizer = CLIPTokenizer.default(pad_token=spec.pad_token)
     return _build(spec, parts["unet"], parts["vae"], parts["text"], tokenizer, device, dtype)
 
 
@@ -224,6 +229,8 @@ def save(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     meta = {SPEC_METADATA_KEY: pipe.spec.to_json(), "stablediff.version": __version__, **(metadata or {})}
+    if not pipe.tokenizer.is_default_vocabulary():
+        meta[TOKENIZER_METADATA_KEY] = json.dumps(pipe.tokenizer.to_dict(), ensure_ascii=False)
     sds = {name: _cast(sd, dtype) for name, sd in pipe.state_dicts().items()}
     if layout == "single-file":
         write_safetensors(convert.join_single_file(sds["unet"], sds["vae"], sds["text"], pipe.spec.text_format),

@@ -140,6 +140,23 @@ class CLIPTokenizer:
         max_length = config.get("model_max_length", 77)
         return cls(vocab, merges, **named, max_length=max_length, added_tokens=added, compat=compat)
 
+    def to_dict(self) -> dict:
+        """Everything the tokenizer is, as JSON-ready data (a trained vocabulary travels inside a
+        model file's metadata this way)."""
+        return {"vocab": self.encoder, "merges": [f"{a} {b}" for a, b in self.merges],
+                "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                "unk_token": self.unk_token, "max_length": self.max_length, "added_tokens": self.added_tokens}
+
+    @classmethod
+    def from_dict(cls, data: dict, *, compat: str = "transformers") -> CLIPTokenizer:
+        merges = [tuple(m.split(" ")) for m in data["merges"]]
+        named = {k: data[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "max_length", "added_tokens")}
+        return cls(data["vocab"], merges, **named, compat=compat)
+
+    def is_default_vocabulary(self) -> bool:
+        """True for the standard CLIP vocabulary (which need not be stored with a model)."""
+        return self.vocab_size == 49408 and self.encoder == _packaged_vocab()[0]
+
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write the four tokenizer files (readable by transformers' CLIPTokenizer); returns the folder.
 

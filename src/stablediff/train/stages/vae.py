@@ -1,0 +1,320 @@
+"""The VAE stage: train an AutoencoderKL (Rombach et al. 2022, appendix G) on the run's images.
+
+Loss per batch: reconstruction (L1 or L2, mean over pixels) + `kl_weight` * KL, with the KL
+summed over latent elements and divided by the number of image elements. LDM sums both terms
+over all elements; dividing both by the same count keeps its ratio, so `kl_weight` (1e-6) means
+what it means there, while the loss stays O(1) for gradient clipping. Optionally, from step
+`disc_start`, a patch discriminator (Isola et al. 2017) with hinge losses, weighted by
+`disc_weight` (a fixed weight: LDM's adaptive weight needs a second backward pass through the
+decoder). LPIPS is left out: it needs pretrained VGG weights.
+
+Both networks share one optimizer (`trainable()` is a ModuleDict "vae" + "disc"), so each loss
+term is kept from the other network: the generator's adversarial term goes through the
+discriminator with detached weights (`torch.func.functional_call`), and the discriminator's term
+sees detached reconstructions.
+
+Latents are trained unscaled (scaling_factor 1); `export` measures their std and writes
+`scaling_factor = 1 / std` into the exported config, as LDM chose 0.18215 for SD.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import Dataset, Subset
+
+from stablediff.image import image_to_tensor, tensor_to_images
+from stablediff.models.vae import AutoencoderKL, VAEConfig
+from stablediff.train.config import TrainConfig
+from stablediff.train.data import CaptionedFolder
+from stablediff.train.shapes import ShapesDataset
+from stablediff.train.stage import Stage
+from stablediff.weights.io import atomic_write_bytes, read_metadata, read_state_dict, write_safetensors
+from stablediff.weights.strict import load_strict
+
+logger = logging.getLogger(__name__)
+
+# Trained with scaling_factor 1 (unscaled latents); export replaces it by the measured 1 / std.
+VAE_SIZES: dict[str, VAEConfig] = {
+    # tests: f=2, ~0.3M parameters
+    "tiny": VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, scaling_factor=1.0),
+    # the bundled shapes model: 64 px -> 16x16x4 latents (f=4, 12x fewer numbers than pixels);
+    # flat-coloured shapes need little capacity, and the decoder must stay cheap on a CPU.
+    "shapes-small": VAEConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=16, scaling_factor=1.0),
+}
+VAE_FILE = "vae.safetensors"
+CONFIG_KEY = "stablediff.vae_config"
+EVAL_SEED_OFFSET = 1_000_003  # held-out shapes come from another seed than the training stream
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data shared by the image stages (vae, text)
+class ShapesPairs(Dataset):
+    """`ShapesDataset` items as (image [3, S, S] in [-1, 1], caption): what `CaptionedFolder` gives."""
+
+    def __init__(self, n: int, seed: int, size: int, split: str = "train"):
+        self.shapes = ShapesDataset(n, seed, split, size)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, text, _ = self.shapes[index]
+        return image_to_tensor(image)[0], text
+
+
+def image_text_data(config: TrainConfig) -> tuple[Dataset, Dataset]:
+    """(training set, held-out set) of (image, caption) pairs for `config.data`.
+
+    "shapes": an endless-looking stream of `shapes_size` scenes, and `eval_size` scenes of another
+    seed. A folder: a seeded `eval_size` subset (at most a tenth of the folder) is held out of
+    training and read with a centre crop and no flip; a folder too small for that is evaluated
+    on training items (logged).
+    """
+    if config.data == "shapes":
+        train = ShapesPairs(config.shapes_size, config.seed, config.resolution)
+        held = ShapesPairs(max(config.eval_size, 1), config.seed + EVAL_SEED_OFFSET, config.resolution)
+        return train, held
+    if not config.data or config.data.endswith(".safetensors"):
+        raise ValueError(f"--data must be 'shapes' or a captioned image folder for this stage, got {config.data!r}")
+    folder = CaptionedFolder(config.data, config.resolution, crop="center" if config.center_crop else "random",
+                             flip=config.flip, seed=config.seed)
+    plain = copy.copy(folder)  # the same verified items, read without augmentation
+    plain.crop, plain.flip = "center", False
+    n_eval = min(config.eval_size, len(folder) // 10)
+    if n_eval == 0:
+        logger.warning("%s: %d items are too few to hold some out; evaluating on training items",
+                       config.data, len(folder))
+        return folder, Subset(plain, range(min(config.eval_size, len(folder))))
+    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    held = sorted(order[:n_eval])
+    train = sorted(order[n_eval:])
+    return Subset(folder, train), Subset(plain, held)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+class PatchDiscriminator(nn.Module):
+    """[B, 3, H, W] -> [B, 1, H/4 - 2, W/4 - 2] real/fake logits, one per ~34 px patch.
+
+    A PatchGAN: two stride-2 and one stride-1 4x4 convolutions with LeakyReLU, GroupNorm (per
+    sample, so real and fake may share a batch), and a 1-channel 4x4 head.
+    """
+
+    def __init__(self, in_channels: int = 3, ch: int = 64):
+        super().__init__()
+        groups = min(8, ch // 4)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1), nn.GroupNorm(groups, 2 * ch), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * ch, 4 * ch, 4, stride=1, padding=1), nn.GroupNorm(groups, 4 * ch), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * ch, 1, 4, stride=1, padding=1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AutoencoderTrainable(nn.ModuleDict):
+    """{"vae": AutoencoderKL[, "disc": PatchDiscriminator]} with a forward that runs every network
+    once, so DDP sees one forward per step. Returns tensors only:
+    recon [B, 3, H, W], kl [B]; with a discriminator also logits_g (reconstructions through the
+    detached discriminator) and logits_real / logits_fake (for the discriminator's own loss)."""
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        posterior = self["vae"].encode(images)
+        recon = self["vae"].decode(posterior.sample(generator))
+        out = {"recon": recon, "kl": posterior.kl()}
+        if "disc" in self:
+            disc = self["disc"]
+            frozen = {name: p.detach() for name, p in disc.named_parameters()}
+            out["logits_g"] = functional_call(disc, frozen, (recon,))  # gradients reach the VAE only
+            both = disc(torch.cat([images, recon.detach()]))  # gradients reach the discriminator only
+            out["logits_real"], out["logits_fake"] = both.chunk(2)
+        return out
+
+
+def vae_config(name: str) -> VAEConfig:
+    if name not in VAE_SIZES:
+        raise ValueError(f"unknown VAE size {name!r}; choose one of {sorted(VAE_SIZES)}")
+    return VAE_SIZES[name]
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2): [B]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10.0 * torch.log10(4.0 / mse)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+class VAEStage(Stage):
+    name = "vae"
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        super().__init__(config, device)
+        self.vae_config = vae_config(config.model)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global generator
+            torch.manual_seed(config.seed)  # so every process builds the same initial weights
+            modules = {"vae": AutoencoderKL(self.vae_config)}
+            if config.disc_weight > 0:
+                modules["disc"] = PatchDiscriminator(self.vae_config.in_channels, self.vae_config.ch)
+        self.model = AutoencoderTrainable(modules).to(device)
+        self._train, self._held = image_text_data(config)
+        self._eval_images: torch.Tensor | None = None
+
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def dataset(self) -> Dataset:
+        return self._train
+
+    def collate(self, items: list) -> torch.Tensor:
+        """(image, caption) items -> images [B, 3, S, S]; captions are not used here."""
+        return torch.stack([image for image, _ in items])
+
+    def loss_terms(self, model: nn.Module, batch: torch.Tensor, step: int,
+                   generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The weighted loss terms (their sum is the loss) and metrics. Terms: "rec", "kl", and with
+        a discriminator "g_adv" (reaches the VAE only) and "d_hinge" (reaches the discriminator only)."""
+        images = batch.to(self.device, non_blocking=True)
+        out = model(images, generator)
+        recon = out["recon"]
+        diff = (recon.float() - images.float())
+        rec = diff.abs().mean() if self.config.recon_loss == "l1" else diff.pow(2).mean()
+        kl = out["kl"].float().mean() / images[0].numel()
+        terms = {"rec": rec, "kl": self.config.kl_weight * kl}
+        metrics = {"rec": rec.item(), "kl": out["kl"].float().mean().item(),
+                   "psnr": psnr(recon.detach().clamp(-1, 1), images).mean().item()}
+        if "logits_g" in out:
+            # Before disc_start both terms are weighted 0 but still computed, so every parameter
+            # takes part in every step (DDP needs no find_unused_parameters).
+            factor = 1.0 if step >= self.config.disc_start else 0.0
+            real, fake = out["logits_real"].float(), out["logits_fake"].float()
+            d_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())  # hinge
+            g_loss = -out["logits_g"].float().mean()
+            terms["g_adv"] = factor * self.config.disc_weight * g_loss
+            terms["d_hinge"] = factor * d_loss
+            metrics |= {"g_loss": g_loss.item(), "d_loss": d_loss.item(),
+                        "logits_real": real.mean().item(), "logits_fake": fake.mean().item()}
+        return terms, metrics
+
+    def loss(self, model: nn.Module, batch: torch.Tensor, step: int,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        terms, metrics = self.loss_terms(model, batch, step, generator)
+        total = sum(terms.values())
+        metrics["loss"] = total.item()
+        return total, metrics
+
+    def _eval_batch(self) -> torch.Tensor:
+        """The held-out images [N, 3, S, S] (CPU), loaded once."""
+        if self._eval_images is None:
+            n = min(self.config.eval_size, len(self._held))
+            self._eval_images = torch.stack([self._held[i][0] for i in range(n)])
+        return self._eval_images
+
+    @torch.no_grad()
+    def _reconstruct(self, vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean reconstructions in [-1, 1] (CPU), in batches of `batch_size`."""
+        outs = []
+        for chunk in images.split(self.config.batch_size):
+            chunk = chunk.to(self.device)
+            outs.append(vae.decode(vae.encode(chunk).mode()).clamp(-1, 1).float().cpu())
+        return torch.cat(outs)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Mean PSNR (dB) of posterior-mean reconstructions of the held-out images."""
+        vae = unwrap(model)["vae"]
+        was_training = vae.training
+        vae.eval()
+        try:
+            images = self._eval_batch()
+            return {"psnr": psnr(self._reconstruct(vae, images), images).mean().item()}
+        finally:
+            vae.train(was_training)
+
+    def sample(self, model: nn.Module, path: Path) -> None:
+        """A PNG: up to 8 held-out originals (top row) above their reconstructions."""
+        vae = unwrap(model)["vae"]
+        was_training = vae.training
+        vae.eval()
+        try:
+            images = self._eval_batch()[:8]
+            recon = self._reconstruct(vae, images)
+        finally:
+            vae.train(was_training)
+        tiles = tensor_to_images(torch.cat([images, recon]))
+        n, side = len(images), images.shape[-1]
+        grid = Image.new("RGB", (n * side, 2 * side))
+        for i, tile in enumerate(tiles):
+            grid.paste(tile, ((i % n) * side, (i // n) * side))
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @torch.no_grad()
+    def latent_std(self, vae: AutoencoderKL) -> float:
+        """Std of unscaled posterior samples over the held-out images (seeded, all elements)."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        samples = []
+        for chunk in self._eval_batch().split(self.config.batch_size):
+            posterior = vae.encode(chunk.to(self.device))
+            samples.append((posterior.sample(generator) / vae.config.scaling_factor).float().cpu())
+        return torch.cat(samples).std().item()
+
+    def export(self, model: nn.Module, out_dir: Path) -> Path:
+        """`out_dir/vae.safetensors`: our key names, metadata {"stablediff.vae_config": JSON of the
+        VAEConfig with the measured scaling_factor, "stablediff.latent_std": the std}."""
+        vae = unwrap(model)["vae"]
+        was_training = vae.training
+        vae.eval()
+        try:
+            std = self.latent_std(vae)
+        finally:
+            vae.train(was_training)
+        if not math.isfinite(std) or std <= 0:
+            raise ValueError(f"cannot export the VAE: latent std is {std}")
+        cfg = dataclasses.replace(vae.config, scaling_factor=1.0 / std)
+        out = Path(out_dir) / VAE_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in vae.state_dict().items()}
+        write_safetensors(tensors, out, {CONFIG_KEY: json.dumps(cfg.to_dict()), "stablediff.latent_std": repr(std)})
+        logger.info("VAE exported to %s (latent std %.4f -> scaling_factor %.5f)", out, std, cfg.scaling_factor)
+        return out
+
+
+def load_vae_export(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """The AutoencoderKL written by `VAEStage.export` (a file, or a folder holding vae.safetensors),
+    with its measured scaling_factor, in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / VAE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained VAE at {path}")
+    meta = read_metadata(path)
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata: not a VAE written by the vae stage")
+    with torch.device("meta"):
+        vae = AutoencoderKL(VAEConfig.from_dict(json.loads(meta[CONFIG_KEY])))
+    load_strict(vae, read_state_dict(path), f"VAE {path}", device=device)
+    return vae.eval()
+
+
+__all__ = ["VAE_SIZES", "AutoencoderTrainable", "PatchDiscriminator", "VAEStage", "image_text_data",
+           "load_vae_export", "psnr"]
