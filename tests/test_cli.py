@@ -154,3 +154,14 @@ def test_convert_round_trip(tmp_path, capsys):
 def test_python_dash_m_help():
     result = subprocess.run([sys.executable, "-m", "stablediff", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout and "--sampler" in result.stdout
+
+
+def test_dataset_shapes_command(tmp_path, capsys):
+    from stablediff.train.data import CaptionedFolder
+
+    code, out, _ = run(capsys, "dataset", "shapes", "--n", "6", "--out", str(tmp_path / "shapes"), "--seed", "3")
+    assert code == 0 and out.strip() == str(tmp_path / "shapes")
+    data = CaptionedFolder(tmp_path / "shapes", size=64)
+    assert len(data) == 6 and data[0][0].shape == (3, 64, 64) and data[0][1]
+    code, _, err = run(capsys, "dataset", "shapes", "--n", "0", "--out", str(tmp_path / "none"))
+    assert code == 2 and "--n must be >= 1" in err and not (tmp_path / "none").exists()

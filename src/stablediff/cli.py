@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the trained U-Net weights even when an EMA copy exists")  # fmt: skip
     conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None)
     conv.add_argument("--overwrite", action="store_true")
+    data = sub.add_parser("dataset", help="write a training data set")
+    kinds = data.add_subparsers(dest="kind", required=True)
+    shapes = kinds.add_parser("shapes", help="the procedural captioned shapes world")
+    shapes.add_argument("--n", type=int, default=50000, help="number of images")
+    shapes.add_argument("--out", required=True, help="output folder (a captioned folder)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--split", choices=("train", "heldout"), default="train",
+                        help="heldout scenes contain the colour-shape pairs training never shows")  # fmt: skip
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
     return parser
 
 
@@ -179,8 +188,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from stablediff.train.shapes import write_shapes_folder
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    with tqdm(total=args.n, unit="img", desc="shapes", disable=None) as bar:
+        folder = write_shapes_folder(args.out, args.n, seed=args.seed, split=args.split, size=args.size,
+                                     progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+    print(folder)
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "info": cmd_info,
-            "convert": cmd_convert}  # fmt: skip
+            "convert": cmd_convert, "dataset": cmd_dataset}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
