@@ -165,3 +165,14 @@ def test_dataset_shapes_command(tmp_path, capsys):
     assert len(data) == 6 and data[0][0].shape == (3, 64, 64) and data[0][1]
     code, _, err = run(capsys, "dataset", "shapes", "--n", "0", "--out", str(tmp_path / "none"))
     assert code == 2 and "--n must be >= 1" in err and not (tmp_path / "none").exists()
+
+
+def test_eval_command_small_suite(tmp_path, capsys):
+    import json
+
+    code, out, _ = run(capsys, "eval", "--model", "tiny", "--n", "2", "--steps", "3", "--suites", "single,relation",
+                       "--out", str(tmp_path / "ev"))  # fmt: skip
+    assert code == 0 and "judge" in out.lower()
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(result["suites"]) == {"single", "relation"}
+    assert result["settings"]["steps"] == 3 and result["judge"]["clean"]["overall"] >= 0.99
