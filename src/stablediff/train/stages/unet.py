@@ -1,0 +1,234 @@
+"""The U-Net stage: train the latent diffusion U-Net (Rombach et al. 2022) against a frozen VAE
+and text encoder; and the finetune stage, which starts the U-Net from an existing model.
+
+Loss (Ho et al. 2020, eq. 14, with the target of the prediction type): latents ``x0`` (a sample
+of the VAE posterior, or of a latent cache), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``,
+``x_t = q_sample(x0, t, eps)``; MSE between ``unet(x_t, t, text(caption))`` and eps (or v,
+Salimans & Ho 2022), optionally weighted per sample by Min-SNR-gamma (Hang et al. 2023). Every
+random number comes from the trainer's generator, so runs and resumes are exact.
+
+Export: one single-file model (``model.safetensors``: U-Net, VAE, text encoder, the spec and
+the training config in its metadata; a trained vocabulary travels in the metadata too) that
+``load_pipeline`` reads, and the tokenizer folder next to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from stablediff.diffusion import NoiseSchedule, ScheduleConfig, min_snr_gamma_weights, q_sample, training_target
+from stablediff.models.unet import UNetConfig, UNetModel
+from stablediff.presets import PRESETS, ModelSpec
+from stablediff.train.config import TrainConfig
+from stablediff.train.stage import Stage
+from stablediff.train.stages.tokenizer import TOKENIZER_DIR
+from stablediff.train.stages.unet_parts import captions_of, frozen_parts, unet_data
+from stablediff.weights.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+TRAIN_CONFIG_KEY = "stablediff.train_config"
+# Training sizes beyond the presets; context_dim and the channel counts follow the frozen parts.
+UNET_SIZES: dict[str, UNetConfig] = {
+    # the bundled shapes model: 16x16x4 latents (64 px, f=4 VAE), 256-wide text; ~16.5M parameters.
+    # Attention at 8x8 and 4x4 only: relations between two shapes need global context, and 16x16
+    # self-attention would cost more than all the convolutions there.
+    "shapes-small": UNetConfig(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=2, attention_levels=(1, 2),
+                               num_heads=None, head_dim=32, context_dim=256, norm_groups=32),  # fmt: skip
+}
+SAMPLE_COUNT = 8  # a 4 x 2 grid
+
+
+def unet_size(name: str) -> UNetConfig:
+    """The U-Net configuration called `name`: a training size of UNET_SIZES or a preset's U-Net."""
+    if name in UNET_SIZES:
+        return UNET_SIZES[name]
+    if name in PRESETS:
+        return PRESETS[name].unet
+    raise ValueError(f"unknown U-Net size {name!r}; choose one of {sorted({*UNET_SIZES, *PRESETS})}")
+
+
+def sample_prompts(config: TrainConfig, held: Dataset) -> list[str]:
+    """Fixed prompts for sample grids: shapes evaluation prompts, or the first distinct held-out captions."""
+    if config.data == "shapes":
+        from stablediff.train.captions import prompt_suite
+
+        return [p for p, _ in prompt_suite("single", 6)] + [p for p, _ in prompt_suite("relation", 2)]
+    captions = list(dict.fromkeys(c for c in captions_of(held) if c)) or ["a photo"]
+    return [captions[i % len(captions)] for i in range(SAMPLE_COUNT)]
+
+
+class UNetStage(Stage):
+    name = "unet"
+    # Sample grids: DPM++ 2M with these settings (a subclass may make them cheaper, as tests do).
+    sample_steps = 20
+    sample_guidance = 5.0
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        super().__init__(config, device)
+        parts = frozen_parts(config, device)
+        self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
+        self.base = parts.base
+        self._train, self._held, self.latents = unet_data(config, self.vae)
+        self.unet = self._initial_unet().to(device=device, dtype=torch.float32).train()
+        self.noise = NoiseSchedule(self._schedule_config())
+        self.alphas_cumprod = self.noise.alphas_cumprod.to(torch.float32)
+
+    # -----------------------------------------------------------------------------------------
+    def _initial_unet(self) -> UNetModel:
+        """A fresh U-Net of `config.model`'s size, PyTorch default initialisation from `config.seed`
+        (the same weights in every process)."""
+        z = self.vae.config.z_channels
+        cfg = dataclasses.replace(unet_size(self.config.model), in_channels=z, out_channels=z,
+                                  context_dim=self.text_encoder.config.width)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the global generator
+            torch.manual_seed(self.config.seed)
+            return UNetModel(cfg)
+
+    def _schedule_config(self) -> ScheduleConfig:
+        s = self.base.spec if self.base is not None else ModelSpec("schedule")
+        return ScheduleConfig(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
+                              beta_start=s.beta_start, beta_end=s.beta_end)  # fmt: skip
+
+    def spec(self) -> ModelSpec:
+        """The ModelSpec of the model being trained (schedule facts from the base model, if any)."""
+        s = self.base.spec if self.base is not None else ModelSpec("schedule")
+        return ModelSpec(name=f"stablediff-{self.config.stage}-{self.config.model}", unet=self.unet.config,
+                         vae=self.vae.config, text=self.text_encoder.config, text_format=s.text_format,
+                         pad_token=self.tokenizer.pad_token, prediction_type=self.config.prediction_type,
+                         beta_schedule=s.beta_schedule, beta_start=s.beta_start, beta_end=s.beta_end,
+                         num_train_timesteps=s.num_train_timesteps, default_size=self.config.resolution)  # fmt: skip
+
+    def trainable(self) -> nn.Module:
+        return self.unet
+
+    def dataset(self) -> Dataset:
+        return self._train
+
+    def collate(self, items: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
+        """(image [3, S, S] or latent [z, h, w], caption) items -> {"x": [B, ...], "ids": [B, L] token ids}."""
+        return {"x": torch.stack([x for x, _ in items]),
+                "ids": torch.tensor(self.tokenizer([c for _, c in items]), dtype=torch.long)}  # fmt: skip
+
+    # -----------------------------------------------------------------------------------------
+    def _latents_and_context(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["x"].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            latents = x if self.latents else self.vae.encode(x).sample(generator)
+            context = self.text_encoder(batch["ids"].to(self.device, non_blocking=True))
+        return latents.float(), context
+
+    def _loss(self, model: nn.Module, latents: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Per-sample (weighted) MSE [B] for timesteps `t` [B] (int64) and `noise` like `latents`."""
+        t = t.to(self.device)
+        noise = noise.to(self.device)
+        x_t = q_sample(latents, t, noise, self.alphas_cumprod)
+        target = training_target(self.config.prediction_type, latents, noise, t, self.alphas_cumprod)
+        prediction = model(x_t, t.float(), context)
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        if self.config.min_snr_gamma > 0:
+            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, self.config.min_snr_gamma,
+                                                            self.config.prediction_type)  # fmt: skip
+        return per_sample
+
+    def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        latents, context = self._latents_and_context(batch, generator)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        per_sample = self._loss(model, latents, context, t, noise)
+        return per_sample.mean(), {"latent_std": float(latents.std())}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out loss at evenly spaced timesteps with fixed noise: comparable between steps and runs."""
+        c = self.config
+        generator = torch.Generator().manual_seed(c.seed + 1)
+        loader = DataLoader(self._held, batch_size=c.batch_size, collate_fn=self.collate)
+        total, count = 0.0, 0
+        steps = self.noise.config.num_train_timesteps
+        for batch in loader:
+            latents, context = self._latents_and_context(batch, generator)
+            b = latents.shape[0]
+            t = ((torch.arange(count, count + b) * 0.618034) % 1.0 * steps).long()  # spread over [0, T)
+            noise = torch.randn(latents.shape, generator=generator)
+            total += float(self._loss(model, latents, context, t, noise).sum())
+            count += b
+        return {"loss": total / max(count, 1)}
+
+    # -----------------------------------------------------------------------------------------
+    def pipeline(self, model: nn.Module):
+        """A StableDiffusion of `model` (the U-Net being trained, or its EMA) and the frozen parts."""
+        from stablediff.pipeline import StableDiffusion
+
+        unet = getattr(model, "module", model)  # unwrap DDP
+        return StableDiffusion(unet, self.vae, self.text_encoder, self.tokenizer, self.spec())
+
+    def sample(self, model: nn.Module, path: Path) -> None:
+        """A 4 x 2 grid for fixed prompts and seeds (image k: seed k): DPM++ 2M, 20 steps, guidance 5."""
+        from stablediff.params import GenerationParams
+
+        pipe = self.pipeline(model)
+        size = self.config.resolution
+        images = []
+        for k, prompt in enumerate(sample_prompts(self.config, self._held)[:SAMPLE_COUNT]):
+            params = GenerationParams(prompt=prompt, width=size, height=size, steps=self.sample_steps,
+                                      guidance_scale=self.sample_guidance, sampler="dpmpp_2m", seed=k)  # fmt: skip
+            images += pipe.generate(params)
+        columns = 4
+        rows = (len(images) + columns - 1) // columns
+        grid = Image.new("RGB", (columns * size, rows * size), "white")
+        for k, image in enumerate(images):
+            grid.paste(image, ((k % columns) * size, (k // columns) * size))
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def export(self, model: nn.Module, out_dir: Path) -> Path:
+        """`out_dir/model.safetensors` (a single-file model with the training config in its metadata)
+        and `out_dir/tokenizer/`; returns the model file."""
+        from stablediff.loading import save
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(out_dir / TOKENIZER_DIR)
+        path = save(self.pipeline(model), out_dir / MODEL_FILE, overwrite=True,
+                    metadata={TRAIN_CONFIG_KEY: self.config.to_json()})  # fmt: skip
+        logger.info("U-Net model exported to %s", path)
+        return path
+
+
+class FinetuneStage(UNetStage):
+    """The U-Net stage starting from `config.base`: its U-Net (and, unless overridden by
+    `config.vae` / `config.text` / `config.tokenizer`, its VAE, text encoder and tokenizer)."""
+
+    name = "finetune"
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        if not config.base:
+            raise ValueError("the finetune stage needs --base: the model to continue training "
+                             "(a single-file checkpoint or a diffusers folder)")  # fmt: skip
+        super().__init__(config, device)
+
+    def _initial_unet(self) -> UNetModel:
+        unet = self.base.unet
+        if unet.config.context_dim != self.text_encoder.config.width:
+            raise ValueError(f"the base U-Net attends to {unet.config.context_dim}-wide text, the text encoder "
+                             f"gives {self.text_encoder.config.width}")  # fmt: skip
+        if self.base.spec.prediction_type != self.config.prediction_type:
+            logger.warning("base model predicts %s; finetuning it to predict %s", self.base.spec.prediction_type,
+                           self.config.prediction_type)  # fmt: skip
+        self.base.unet = None  # the stage owns it now; the base keeps only the frozen parts
+        return unet.requires_grad_(True)
+
+
+__all__ = ["MODEL_FILE", "TRAIN_CONFIG_KEY", "UNET_SIZES", "FinetuneStage", "UNetStage", "unet_size"]

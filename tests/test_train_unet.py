@@ -1,0 +1,181 @@
+"""The U-Net stage through the real trainer: tiny networks, 32 px shapes, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablediff.loading import load_pipeline, save
+from stablediff.params import GenerationParams
+from stablediff.train.config import TrainConfig
+from stablediff.train.latents import encode_latent_cache
+from stablediff.train.stages.unet import TRAIN_CONFIG_KEY, FinetuneStage, UNetStage
+from stablediff.train.stages.unet_parts import frozen_parts
+from stablediff.train.trainer import train
+from stablediff.weights.io import read_metadata, read_state_dict, write_safetensors
+
+CPU = torch.device("cpu")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared machine, OpenMP threads waiting for each other make
+    these tiny networks 10-100x slower. Subprocesses get OMP_NUM_THREADS=1 (same thread count,
+    so the same bits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class FastSamples(UNetStage):
+    sample_steps = 3  # the grid is still 8 images through the real pipeline, just fewer steps
+
+
+def unet_config(out: Path, **overrides) -> TrainConfig:
+    values = dict(stage="unet", data="shapes", out=str(out), shapes_size=4, resolution=32, batch_size=4, steps=16,
+                  lr=2e-3, warmup_steps=2, ema_decay=0.9, log_every=1, save_every=100, eval_every=8, eval_size=4,
+                  seed=1)  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """16 steps on 4 shapes (one fixed batch of 4 each step), then sample and export."""
+    run = tmp_path_factory.mktemp("unet") / "run"
+    exported = train(FastSamples, unet_config(run))
+    return run, exported
+
+
+def test_loss_goes_down_on_a_fixed_batch(shapes_run):
+    run, _ = shapes_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "event" not in r]
+    assert len(losses) == 16
+    first, last = sum(losses[:3]) / 3, sum(losses[-4:]) / 4
+    print(f"loss: first 3 steps {first:.3f}, last 4 steps {last:.3f}")
+    assert last < 0.6 * first
+    evals = json.loads((run / "eval.json").read_text())["history"]
+    assert [e["step"] for e in evals] == [8, 16] and evals[1]["loss"] < evals[0]["loss"]
+    assert (run / "samples" / "step_000016.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_loads_with_load_pipeline_and_generates(shapes_run):
+    run, exported = shapes_run
+    assert exported == run / "export" / "model.safetensors"
+    assert (run / "export" / "tokenizer" / "vocab.json").is_file()
+    meta = read_metadata(exported)
+    assert TrainConfig.from_json(meta[TRAIN_CONFIG_KEY]) == unet_config(run)
+    pipe = load_pipeline(exported)
+    assert pipe.spec.unet.context_dim == pipe.spec.text.width and pipe.spec.default_size == 32
+    ema = read_state_dict(run / "checkpoints" / "step_0000016" / "ema.safetensors")
+    for key, value in pipe.unet.state_dict().items():  # the exported U-Net is the EMA
+        assert torch.equal(value, ema[key]), key
+    image = pipe.generate(GenerationParams(prompt="a red circle", width=32, height=32, steps=2, seed=0))[0]
+    assert image.size == (32, 32)
+
+
+RESUME = """
+import sys
+from stablediff.train.config import TrainConfig
+from stablediff.train.trainer import train
+train("unet", TrainConfig.from_json(open(sys.argv[1]).read()), resume="latest", until=4)
+"""
+
+
+def test_resume_in_a_new_process_is_bitwise_exact(tmp_path):
+    common = dict(steps=8, save_every=2, eval_every=0, prediction_type="v_prediction", min_snr_gamma=5.0,
+                  grad_accum=2, batch_size=2)  # fmt: skip
+    train("unet", unet_config(tmp_path / "straight", **common), until=4)
+    split = unet_config(tmp_path / "split", **common)
+    train("unet", split, until=2)
+    (tmp_path / "split.json").write_text(split.to_json())
+    done = subprocess.run([sys.executable, "-c", RESUME, str(tmp_path / "split.json")], capture_output=True,
+                          text=True, timeout=300, env=ONE_THREAD)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("model", "ema", "optimizer"):
+        a = read_state_dict(tmp_path / "straight" / "checkpoints" / "step_0000004" / f"{name}.safetensors")
+        b = read_state_dict(tmp_path / "split" / "checkpoints" / "step_0000004" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name} {key}"
+
+
+def test_bad_data_is_a_clear_error_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="training data .*missing.* does not exist"):
+        train("unet", unet_config(run, data=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no usable captioned images"):
+        train("unet", unet_config(run, data=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="--data is required"):
+        train("unet", unet_config(run, data=""))
+    with pytest.raises(ValueError, match="unknown U-Net size 'huge'"):
+        train("unet", unet_config(run, model="huge"))
+    assert not run.exists()
+
+
+def test_latent_cache_data_and_a_cache_of_another_vae(tmp_path):
+    from stablediff.train.stages.vae import VAE_SIZES, ShapesPairs
+
+    config = unet_config(tmp_path / "run", data=str(tmp_path / "cache.safetensors"), eval_size=1, steps=2,
+                         caption_dropout=0.0)  # fmt: skip
+    vae = frozen_parts(config, CPU).vae
+    encode_latent_cache(ShapesPairs(4, 0, 32), vae, tmp_path / "cache.safetensors")
+    stage = UNetStage(config, CPU)
+    assert stage.latents and len(stage.dataset()) == 4
+    batch = stage.collate([stage.dataset()[i] for i in range(2)])
+    assert batch["x"].shape == (2, 4, 16, 16) and batch["ids"].shape == (2, 77)
+    loss, _ = stage.loss(stage.unet, batch, 0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    from stablediff.models.vae import AutoencoderKL
+
+    encode_latent_cache(ShapesPairs(4, 0, 32), AutoencoderKL(VAE_SIZES["tiny"]), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="encoded with another VAE"):
+        UNetStage(unet_config(tmp_path / "run", data=str(tmp_path / "other.safetensors")), CPU)
+
+
+def test_trained_vae_and_text_exports_are_picked_up(tmp_path):
+    from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
+    from stablediff.models.vae import AutoencoderKL, VAEConfig
+    from stablediff.tokenizer import CLIPTokenizer
+    from stablediff.train.stages import text, vae
+
+    vae_cfg = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, z_channels=3, scaling_factor=0.7)
+    export = tmp_path / "vae_run" / "export"
+    export.mkdir(parents=True)
+    write_safetensors(AutoencoderKL(vae_cfg).state_dict(), export / vae.VAE_FILE,
+                      {vae.CONFIG_KEY: json.dumps(vae_cfg.to_dict())})  # fmt: skip
+    text_cfg = CLIPTextConfig(width=24, layers=2, heads=2)
+    export = tmp_path / "text_run" / "export"
+    export.mkdir(parents=True)
+    write_safetensors(CLIPTextModel(text_cfg).state_dict(), export / text.TEXT_FILE,
+                      {text.CONFIG_KEY: json.dumps(text_cfg.to_dict())})  # fmt: skip
+    CLIPTokenizer.default().save(export / "tokenizer")
+    stage = UNetStage(unet_config(tmp_path / "run", vae=str(tmp_path / "vae_run"), text=str(tmp_path / "text_run")),
+                      CPU)  # fmt: skip
+    assert stage.vae.config == vae_cfg and stage.text_encoder.config == text_cfg
+    assert stage.unet.config.in_channels == 3 and stage.unet.config.context_dim == 24
+    assert not any(p.requires_grad for p in [*stage.vae.parameters(), *stage.text_encoder.parameters()])
+
+
+def test_finetune_starts_from_the_base_model(tmp_path):
+    base = tmp_path / "base.safetensors"
+    save(load_pipeline("tiny", seed=7), base)
+    with pytest.raises(ValueError, match="needs --base"):
+        FinetuneStage(unet_config(tmp_path / "run", stage="finetune"), CPU)
+    config = unet_config(tmp_path / "run", stage="finetune", base=str(base), steps=2, eval_every=0)
+    stage = FinetuneStage(config, CPU)
+    reference = load_pipeline(base)
+    for key, value in reference.unet.state_dict().items():
+        assert torch.equal(stage.unet.state_dict()[key], value), key
+    assert stage.vae.config == reference.vae.config and stage.unet.training
+    checkpoint = train(FinetuneStage, config, until=1)
+    assert checkpoint.name == "step_0000001"
