@@ -22,9 +22,9 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
+from stablediff.tokenizer import _PAT_HF as WORD_PATTERN
 from stablediff.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unicode
 from stablediff.tokenizer import _hf_normalize as normalize  # the exact cleaning `encode` applies
-from stablediff.tokenizer import _PAT_HF as WORD_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,19 @@ def word_symbols(word: str) -> tuple[str, ...]:
     return (*chars[:-1], chars[-1] + END_OF_WORD)
 
 
+def pre_tokenize(text: str) -> list[str]:
+    """The words of `text`, in order, as `CLIPTokenizer.encode` (transformers mode) splits them.
+    Literal special tokens are dropped: they are ids of their own, not text to learn from."""
+    if not isinstance(text, str):
+        raise TypeError(f"corpus items must be str, got {type(text).__name__}")
+    return [w for w in WORD_PATTERN.findall(normalize(text)) if w not in (BOS_TOKEN, EOS_TOKEN)]
+
+
 def count_words(texts: Iterable[str]) -> Counter[str]:
-    """Words of the corpus with their counts, pre-tokenised exactly as `CLIPTokenizer.encode` does
-    (transformers mode). Literal special tokens in the text are dropped: they are ids of their own."""
+    """Words of the corpus (see `pre_tokenize`) with their counts."""
     counts: Counter[str] = Counter()
     for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"corpus items must be str, got {type(text).__name__}")
-        counts.update(w for w in WORD_PATTERN.findall(normalize(text)) if w not in (BOS_TOKEN, EOS_TOKEN))
+        counts.update(pre_tokenize(text))
     return counts
 
 
@@ -175,4 +180,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, max_length: int = 77) ->
                          unk_token=EOS_TOKEN, max_length=max_length)
 
 
-__all__ = ["MIN_VOCAB_SIZE", "build_vocab", "count_words", "learn_merges", "train_bpe", "word_symbols"]
+__all__ = ["MIN_VOCAB_SIZE", "build_vocab", "count_words", "learn_merges", "pre_tokenize", "train_bpe",
+           "word_symbols"]

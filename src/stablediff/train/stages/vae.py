@@ -4,9 +4,12 @@ Loss per batch: reconstruction (L1 or L2, mean over pixels) + `kl_weight` * KL, 
 summed over latent elements and divided by the number of image elements. LDM sums both terms
 over all elements; dividing both by the same count keeps its ratio, so `kl_weight` (1e-6) means
 what it means there, while the loss stays O(1) for gradient clipping. Optionally, from step
-`disc_start`, a patch discriminator (Isola et al. 2017) with hinge losses, weighted by
-`disc_weight` (a fixed weight: LDM's adaptive weight needs a second backward pass through the
-decoder). LPIPS is left out: it needs pretrained VGG weights.
+`disc_start`, a patch discriminator (Isola et al. 2017) with hinge losses. As in LDM (after VQGAN,
+Esser et al. 2021, eq. 7), the generator's adversarial term is weighted by `disc_weight` times an
+adaptive factor, ||grad rec|| / ||grad adv|| at the decoder's last layer: a fixed weight lets the
+adversarial gradient swamp the reconstruction once the latter gets small (held-out PSNR fell from
+21.5 to 15.6 dB within 50 steps of turning a fixed 0.5 on). LPIPS is left out: it needs
+pretrained VGG weights.
 
 Both networks share one optimizer (`trainable()` is a ModuleDict "vae" + "disc"), so each loss
 term is kept from the other network: the generator's adversarial term goes through the
@@ -209,11 +212,22 @@ class VAEStage(Stage):
             real, fake = out["logits_real"].float(), out["logits_fake"].float()
             d_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())  # hinge
             g_loss = -out["logits_g"].float().mean()
-            terms["g_adv"] = factor * self.config.disc_weight * g_loss
+            weight = self._adaptive_weight(model, rec, g_loss) if factor and torch.is_grad_enabled() else 0.0
+            terms["g_adv"] = factor * self.config.disc_weight * weight * g_loss
             terms["d_hinge"] = factor * d_loss
-            metrics |= {"g_loss": g_loss.item(), "d_loss": d_loss.item(),
+            metrics |= {"g_loss": g_loss.item(), "d_loss": d_loss.item(), "adaptive_weight": float(weight),
                         "logits_real": real.mean().item(), "logits_fake": fake.mean().item()}
         return terms, metrics
+
+    @staticmethod
+    def _adaptive_weight(model: nn.Module, rec: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
+        """||d rec / d W|| / ||d g_loss / d W|| for W the decoder's output conv, clamped to [0, 1e4],
+        detached. torch.autograd.grad returns the gradients without accumulating them in .grad (so
+        DDP's hooks do not fire), and it only backpropagates to that one layer."""
+        last = unwrap(model)["vae"].decoder.conv_out.weight
+        rec_grad = torch.autograd.grad(rec, last, retain_graph=True)[0]
+        adv_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
     def loss(self, model: nn.Module, batch: torch.Tensor, step: int,
              generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -224,8 +238,8 @@ class VAEStage(Stage):
 
     def _eval_batch(self) -> torch.Tensor:
         """The held-out images [N, 3, S, S] (CPU), loaded once."""
-        if self._eval_images is None:
-            n = min(self.config.eval_size, len(self._held))
+        if self._eval_images is None:  # at least one image, so sample() and export() work with eval_size 0
+            n = max(1, min(self.config.eval_size, len(self._held)))
             self._eval_images = torch.stack([self._held[i][0] for i in range(n)])
         return self._eval_images
 
@@ -239,7 +253,9 @@ class VAEStage(Stage):
         return torch.cat(outs)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Mean PSNR (dB) of posterior-mean reconstructions of the held-out images."""
+        """Mean PSNR (dB) of posterior-mean reconstructions of the held-out images ({} for eval_size 0)."""
+        if self.config.eval_size < 1:
+            return {}
         vae = unwrap(model)["vae"]
         was_training = vae.training
         vae.eval()
