@@ -176,3 +176,29 @@ def test_eval_command_small_suite(tmp_path, capsys):
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(result["suites"]) == {"single", "relation"}
     assert result["settings"]["steps"] == 3 and result["judge"]["clean"]["overall"] >= 0.99
+
+
+def test_train_commands_end_to_end(tmp_path, capsys):
+    """tokenizer -> vae -> text -> unet from the command line on the tiny sizes; the exported model
+    generates; --resume continues; bad options are refused before anything is written."""
+    common = ["--data", "shapes", "--shapes_size=64", "--resolution=32", "--eval_size=8", "--log_every=1"]
+    assert run(capsys, "train", "tokenizer", *common, "--out", str(tmp_path / "tok"), "--vocab_size=560")[0] == 0
+    tok = str(tmp_path / "tok")
+    for stage in ("vae", "text"):
+        code, out, err = run(capsys, "train", stage, *common, "--out", str(tmp_path / stage), "--model=tiny",
+                             "--steps=2", "--batch_size=4", f"--tokenizer={tok}")  # fmt: skip
+        assert code == 0, err
+    unet = ["train", "unet", *common, "--out", str(tmp_path / "unet"), "--model=tiny", "--steps=4", "--batch_size=4",
+            f"--vae={tmp_path / 'vae'}", f"--text={tmp_path / 'text'}", "--save_every=2"]  # fmt: skip
+    code, out, err = run(capsys, *unet)
+    assert code == 0, err
+    model = out.strip().splitlines()[-1]
+    pipe = load_pipeline(model)
+    assert pipe.tokenizer.vocab_size <= 560
+    image = pipe.generate(GenerationParams("a red circle", width=32, height=32, steps=3, seed=0))[0]
+    assert image.size == (32, 32)
+    # resuming a finished run with more steps continues from its last checkpoint
+    code, _, err = run(capsys, *[a if a != "--steps=4" else "--steps=6" for a in unet], "--resume")
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "unet", *common, "--out", str(tmp_path / "bad"), "--lr=fast")
+    assert code == 2 and "--lr='fast': expected float" in err and not (tmp_path / "bad").exists()

@@ -35,6 +35,11 @@ EXAMPLES = """examples:
   stablediff generate --from outputs/00003-1234.png          # the same image again
   stablediff info outputs/00003-1234.png
   stablediff convert model.ckpt model-diffusers --layout diffusers --dtype fp16
+  stablediff dataset shapes --n 50000 --out data/shapes
+  stablediff train vae --data data/shapes --out runs/vae --model=shapes-small --steps=2000
+  stablediff train unet --data data/shapes --out runs/unet --vae=runs/vae --text=runs/text --resume
+  stablediff train recipe shapes --out runs/shapes --package model.safetensors
+  stablediff eval --model model.safetensors --n 200 --sweep
 """
 
 # GenerationParams fields and their flags; None means "not given" so that --from can fill them.
@@ -101,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--split", choices=("train", "heldout"), default="train",
                         help="heldout scenes contain the colour-shape pairs training never shows")  # fmt: skip
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
+    usage = ("stablediff train STAGE --data DIR --out RUN [--key=value ...] [--resume]\n"
+             "stablediff train recipe NAME --out RUN [--package FILE]\n\n"
+             "Any TrainConfig field is an option: --lr=2e-4 --steps=5000 --batch_size=32 (see "
+             "stablediff/train/config.py). Under torchrun the same command trains on several processes.")
+    tr = sub.add_parser("train", help="train a part from scratch, fine-tune, or run a whole recipe", description=usage,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    tr.add_argument("stage", choices=("tokenizer", "vae", "text", "unet", "finetune", "recipe"))
+    tr.add_argument("recipe", nargs="?", default=None, help="recipe: a packaged recipe name or a .toml file")
+    tr.add_argument("--data", default=None, help="captioned image folder, latent cache, or 'shapes'")
+    tr.add_argument("--out", required=True, help="the run folder")
+    tr.add_argument("--resume", nargs="?", const="latest", default=None,
+                    help="continue from the latest checkpoint (or a checkpoint folder)")  # fmt: skip
+    tr.add_argument("--package", default=None, help="recipe: write the finished, evaluated model to this file")
     ev = sub.add_parser("eval", help="how well images follow shapes-world prompts (judged programmatically)")
     ev.add_argument("--model", default=None, help="default: $STABLEDIFF_MODEL or the bundled model")
     ev.add_argument("--suites", default="single,heldout,relation", help="comma-separated: single,heldout,relation")
@@ -249,6 +267,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_progress(stage: str):
+    bar = tqdm(unit="step", desc=stage, disable=None)
+
+    def progress(step: int, total: int, metrics: dict) -> None:
+        bar.total = total
+        bar.n = step
+        if "loss" in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        bar.refresh()
+        if step >= total:
+            bar.close()
+
+    return progress
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stablediff.train.config import TrainConfig, apply_overrides
+
+    if args.stage == "recipe":
+        from stablediff.train.recipe import build_bundled_model, run_recipe
+
+        if not args.recipe:
+            raise ValueError("stablediff train recipe needs a recipe name or file, e.g. `train recipe shapes`")
+        if overrides or args.data:
+            raise ValueError("a recipe takes its settings from its file; edit a copy to change them")
+        if args.package:
+            print(build_bundled_model(args.recipe, args.out, args.package, _stage_progress))
+        else:
+            print(json.dumps({k: v["export"] for k, v in run_recipe(args.recipe, args.out, _stage_progress).items()}))
+        return 0
+    if args.recipe:
+        raise ValueError(f"unexpected argument {args.recipe!r} (only `train recipe NAME` takes a name)")
+    if not args.data:
+        raise ValueError(f"stablediff train {args.stage} needs --data (a captioned image folder, a latent cache "
+                         "or 'shapes')")  # fmt: skip
+    if args.data != "shapes" and not Path(args.data).exists():
+        raise ValueError(f"--data {args.data} does not exist")
+    config = apply_overrides(TrainConfig(stage=args.stage, data=args.data, out=args.out), overrides)
+    if args.stage == "tokenizer":
+        from stablediff.train.stages import get_stage
+
+        print(get_stage("tokenizer")(config).fit(args.out))
+        return 0
+    from stablediff.train.trainer import train
+
+    print(train(args.stage, config, resume=args.resume, progress=_stage_progress(args.stage)))
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "info": cmd_info,
             "convert": cmd_convert, "dataset": cmd_dataset,
             "eval": cmd_eval}  # fmt: skip
@@ -256,8 +323,13 @@ COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_ge
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command == "train":
+            return cmd_train(args, extra)
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as err:
         print(f"stablediff {args.command}: error: {err}", file=sys.stderr)

@@ -63,7 +63,8 @@ TEXT_SIZES: dict[str, TextSize] = {
     "tiny": TextSize(CLIPTextConfig(width=32, layers=2, heads=4), (16, 32), 32),
     # shapes: a ~60-word language and captions under 40 tokens; 256 wide (the U-Net's context_dim)
     # with 4 heads of 64, 4 layers: enough to bind colours to shapes and relations to objects.
-    "shapes-small": TextSize(CLIPTextConfig(width=256, layers=4, heads=4), (32, 64, 128, 256), 256),
+    # the bundled model: a 128-wide, 4-layer text tower (0.9M parameters with a 667-token vocabulary)
+    "shapes-small": TextSize(CLIPTextConfig(width=128, layers=4, heads=4), (32, 64, 128, 128), 128),
 }
 
 

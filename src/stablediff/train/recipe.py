@@ -1,0 +1,171 @@
+"""Recipes: a whole model trained by the project's own stages, from nothing, in one command.
+
+A recipe is a TOML file (`src/stablediff/recipes/NAME.toml`): a `[common]` table of TrainConfig
+fields shared by every stage, then one table per stage (`tokenizer`, `vae`, `text`, `unet`).
+`run_recipe` trains the stages in that order, each in `OUT/STAGE/`, handing each stage the exports of
+the ones before it; a stage whose export exists is skipped and one with checkpoints resumes, so an
+interrupted recipe continues where it stopped. `package_model` then writes the finished model as one
+half-precision safetensors file that carries the recipe, every stage's configuration and step
+count, the data seed and the evaluation results in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import tomllib
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from stablediff.train.config import TrainConfig
+from stablediff.train.stages import get_stage
+from stablediff.train.stages.tokenizer import TOKENIZER_DIR
+from stablediff.train.trainer import EXPORT_DIR, train
+
+logger = logging.getLogger(__name__)
+
+STAGE_ORDER = ("tokenizer", "vae", "text", "unet")
+LATENT_CACHE = "latents.safetensors"
+Progress = Callable[[int, int, dict], None]
+
+
+def read_recipe(name_or_path: str | Path) -> tuple[dict, str]:
+    """(the parsed recipe, its text) from a file path or a packaged recipe name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        packaged = resources.files("stablediff").joinpath("recipes", f"{name_or_path}.toml")
+        if not packaged.is_file():
+            names = sorted(p.name.removesuffix(".toml") for p in resources.files("stablediff").joinpath("recipes")
+                           .iterdir() if p.name.endswith(".toml"))  # fmt: skip
+            raise ValueError(f"no recipe file {name_or_path!r} and no packaged recipe of that name; packaged: {names}")
+        text = packaged.read_text()
+    recipe = tomllib.loads(text)
+    unknown = set(recipe) - {"common", "name", "description", "eval", "latents", *STAGE_ORDER}
+    if unknown:
+        allowed = ", ".join(("common", "latents", "eval", *STAGE_ORDER))
+        raise ValueError(f"recipe has unknown tables {sorted(unknown)}; allowed: {allowed}")
+    return recipe, text
+
+
+def stage_config(recipe: dict, stage: str, out: Path) -> TrainConfig:
+    """The TrainConfig of one stage: common fields, the stage's table, and links to earlier stages."""
+    links = {"tokenizer": str(out / "tokenizer" / TOKENIZER_DIR)}
+    if stage == "unet":
+        links.update(vae=str(out / "vae"), text=str(out / "text"))
+        if "latents" in recipe:
+            links["data"] = str(out / LATENT_CACHE)
+    fields = {**recipe.get("common", {}), **(links if stage != "tokenizer" else {}), **recipe.get(stage, {})}
+    return TrainConfig(stage=stage, out=str(out / stage), **fields)
+
+
+def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: Callable[[str], Progress] | None = None
+               ) -> dict:  # fmt: skip
+    """Train every stage of the recipe into `out_dir`; returns {stage: {"export", "seconds", "config"}}."""
+    recipe, _ = read_recipe(name_or_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    for stage in STAGE_ORDER:
+        if stage not in recipe:
+            raise ValueError(f"recipe lacks a [{stage}] table")
+        if stage == "unet" and "latents" in recipe:
+            _latent_cache(recipe, out)
+        config = stage_config(recipe, stage, out)
+        start = time.perf_counter()
+        if stage == "tokenizer":
+            export = out / "tokenizer" / TOKENIZER_DIR
+            if not (export / "vocab.json").is_file():
+                get_stage("tokenizer")(config).fit(out / "tokenizer")
+        else:
+            export = _existing_export(out / stage)
+            if export is None:
+                progress = progress_factory(stage) if progress_factory else None
+                export = train(stage, config, resume="auto", progress=progress)
+        seconds = time.perf_counter() - start
+        logger.info("recipe stage %s: %s (%.0f s)", stage, export, seconds)
+        done[stage] = {"export": str(export), "seconds": seconds, "config": json.loads(config.to_json())}
+    return done
+
+
+def _latent_cache(recipe: dict, out: Path) -> Path:
+    """Encode `[latents] scenes` training images once with the trained VAE (the U-Net then trains
+    on posterior samples of the cache instead of running the encoder every step)."""
+    from stablediff.train.latents import encode_latent_cache
+    from stablediff.train.stages.vae import image_text_data, load_vae_export
+
+    cache = out / LATENT_CACHE
+    if cache.is_file():
+        return cache
+    config = stage_config(recipe, "vae", out)
+    config.shapes_size = int(recipe["latents"]["scenes"])
+    images, _ = image_text_data(config)
+    start = time.perf_counter()
+    encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR), cache, batch_size=64)
+    logger.info("recipe: encoded %d images to %s (%.0f s)", len(images), cache, time.perf_counter() - start)
+    return cache
+
+
+def _existing_export(run: Path) -> Path | None:
+    folder = run / EXPORT_DIR
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return files[0] if files else None
+
+
+def package_model(model_path: str | Path, target: str | Path, recipe_text: str, stages: dict,
+                  evaluation: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:  # fmt: skip
+    """Write the trained model as one `dtype` safetensors file with its provenance in metadata."""
+    from stablediff.loading import load_pipeline, save
+
+    pipe = load_pipeline(model_path)
+    meta = {
+        "stablediff.recipe": recipe_text,
+        "stablediff.stages": json.dumps({k: {"config": v["config"], "seconds": round(v["seconds"], 1)}
+                                         for k, v in stages.items()}),  # fmt: skip
+        "stablediff.data_seed": str(stages["unet"]["config"]["seed"]),
+        "stablediff.steps": json.dumps({k: v["config"]["steps"] for k, v in stages.items() if k != "tokenizer"}),
+    }
+    if evaluation is not None:
+        meta["stablediff.eval"] = json.dumps(evaluation)
+    return save(pipe, target, dtype=dtype, overwrite=True, metadata=meta)
+
+
+def evaluate_model(model_path: str | Path, settings: dict, report_dir: str | Path,
+                   progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+    """Run the shapes prompt suites on a model (settings: the recipe's [eval] table) and write the
+    report; returns the summary stored with the model (no per-prompt records)."""
+    from stablediff.eval import evaluate, write_report
+    from stablediff.loading import load_pipeline
+    from stablediff.params import GenerationParams
+
+    pipe = load_pipeline(model_path)
+    size = pipe.spec.default_size
+
+    def generate(prompt: str, seed: int):
+        params = GenerationParams(prompt, width=size, height=size, steps=settings.get("steps", 20),
+                                  sampler=settings.get("sampler", "dpmpp_2m"),
+                                  schedule=settings.get("schedule", "karras"),
+                                  guidance_scale=settings.get("guidance_scale", 7.5), seed=seed)  # fmt: skip
+        return pipe.generate(params)[0]
+
+    result = evaluate(generate, n=settings.get("n", 200), progress=progress)
+    result["settings"] = {**settings, "size": size}
+    write_report(result, report_dir)
+    return {k: v for k, v in result.items() if k != "records"}
+
+
+def build_bundled_model(name_or_path: str | Path, out_dir: str | Path, target: str | Path,
+                        progress_factory: Callable[[str], Progress] | None = None) -> Path:  # fmt: skip
+    """The whole recipe: train every stage, write the half-precision model, evaluate exactly those
+    weights, and write `target` with the evaluation in its metadata."""
+    recipe, text = read_recipe(name_or_path)
+    out = Path(out_dir)
+    stages = run_recipe(name_or_path, out, progress_factory)
+    shipped = package_model(stages["unet"]["export"], out / "model-fp16.safetensors", text, stages)
+    summary = evaluate_model(shipped, recipe.get("eval", {}), out / "eval")
+    return package_model(stages["unet"]["export"], target, text, stages, evaluation=summary)
