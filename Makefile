@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 TORCH   := torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: setup test lint clean
+.PHONY: setup test demo lint clean bundled-model eval
 
 setup: $(STAMP)
 
@@ -18,6 +18,18 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# Generates one image with the bundled model and prints where it is.
+demo: setup
+	$(PY) -m stablediff generate "a red circle above a blue square" --seed 1 --steps 20 --out outputs
+
+# Trains the bundled model from nothing (src/stablediff/recipes/shapes.toml) and evaluates it.
+bundled-model: setup
+	$(PY) -m stablediff train recipe shapes --out runs/shapes --package src/stablediff/data/shapes.safetensors
+
+# The full evaluation of the bundled model: prompt suites, sampler/steps/guidance sweep.
+eval: setup
+	$(PY) -m stablediff eval --n 200 --sweep --out docs/eval
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ _WEIGHT_FILES["vae"] = _WEIGHT_FILES["unet"]
 
 
 def load_pipeline(
-    path_or_preset: str | os.PathLike = "tiny",
+    path_or_preset: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     *,
@@ -53,12 +54,17 @@ def load_pipeline(
 ) -> StableDiffusion:
     """Load a model.
 
-    path_or_preset: a single-file checkpoint, a diffusers folder, or a name in PRESETS.
+    path_or_preset: a single-file checkpoint, a diffusers folder, a name in PRESETS (random
+        weights), or "shapes" (the bundled model); None: `default_model()`.
     prediction_type: overrides the spec ("v_prediction" cannot be seen in weights).
     use_ema: use the EMA copy of the U-Net when a single-file checkpoint has one.
     spec: force a ModelSpec (or preset name) instead of recognising it from the weights.
     seed: for presets, the seed of the random weights.
     """
+    if path_or_preset is None:
+        path_or_preset = default_model()
+    if str(path_or_preset) == BUNDLED_NAME:
+        path_or_preset = bundled_model_path()
     path = Path(path_or_preset)
     if isinstance(spec, str):
         spec = get_preset(spec)
@@ -79,9 +85,20 @@ def load_pipeline(
     return pipe
 
 
+BUNDLED_NAME = "shapes"
+
+
+def bundled_model_path() -> Path:
+    """The model shipped inside the package (trained by `make bundled-model`)."""
+    path = Path(str(resources.files("stablediff").joinpath("data", "shapes.safetensors")))
+    if not path.is_file():
+        raise CheckpointError(f"the bundled model {path} is missing: reinstall stablediff or run `make bundled-model`")
+    return path
+
+
 def default_model() -> str:
-    """The model used when none is named: $STABLEDIFF_MODEL, else the `tiny` preset."""
-    return os.environ.get("STABLEDIFF_MODEL") or "tiny"
+    """The model used when none is named: $STABLEDIFF_MODEL, else the bundled shapes model."""
+    return os.environ.get("STABLEDIFF_MODEL") or BUNDLED_NAME
 
 
 def model_hash(path: str | os.PathLike) -> str:

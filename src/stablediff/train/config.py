@@ -61,7 +61,7 @@ class TrainConfig:
     # vae
     kl_weight: float = 1e-6
     recon_loss: str = "l1"  # "l1" | "l2"
-    disc_weight: float = 0.0  # 0 disables the patch discriminator
+    disc_weight: float = 0.0  # 0 disables the patch discriminator; scales LDM's adaptive weight
     disc_start: int = 0  # step at which the discriminator loss starts
 
     # text (contrastive)
@@ -94,6 +94,11 @@ class TrainConfig:
         for name in ("caption_dropout", "ema_decay", "lr_min_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.init_temperature <= 0:
+            raise ValueError(f"init_temperature must be > 0, got {self.init_temperature}")
+        if self.stage == "tokenizer" and self.vocab_size < 514:
+            raise ValueError(f"vocab_size must be >= 514 (256 bytes, 256 word-final bytes, BOS, EOS), "
+                             f"got {self.vocab_size}")  # fmt: skip
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
 
