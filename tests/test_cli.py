@@ -202,3 +202,19 @@ def test_train_commands_end_to_end(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(capsys, "train", "unet", *common, "--out", str(tmp_path / "bad"), "--lr=fast")
     assert code == 2 and "--lr='fast': expected float" in err and not (tmp_path / "bad").exists()
+
+
+def test_train_strict_stops_at_a_bad_file(tmp_path, capsys):
+    from stablediff.train.shapes import write_shapes_folder
+
+    folder = write_shapes_folder(tmp_path / "data", 6, seed=1)
+    (folder / "zz-broken.png").write_bytes(b"not an image at all")
+    (folder / "metadata.jsonl").unlink()  # read the image/.txt pairs, where the broken file is listed
+    (folder / "zz-broken.txt").write_text("a broken file")
+    code, _, err = run(capsys, "train", "tokenizer", "--data", str(folder), "--out", str(tmp_path / "t"),
+                       "--vocab_size=560", "--strict=true")  # fmt: skip
+    assert code == 2 and "zz-broken.png" in err, err
+    assert not (tmp_path / "t").exists()
+    code, _, err = run(capsys, "train", "tokenizer", "--data", str(folder), "--out", str(tmp_path / "t"),
+                       "--vocab_size=560")  # fmt: skip
+    assert code == 0, err

@@ -36,6 +36,7 @@ class TrainConfig:
     center_crop: bool = True
     flip: bool = False
     caption_dropout: float = 0.1  # unet: probability of an empty caption (classifier-free guidance)
+    strict: bool = False  # stop at the first bad data file instead of skipping (and logging) it
 
     # optimisation
     steps: int = 1000

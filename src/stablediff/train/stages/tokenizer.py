@@ -57,7 +57,7 @@ def caption_corpus(config: TrainConfig) -> list[str]:
             raise ValueError(f"{path} has no 'captions' metadata: not a latent cache")
         return list(json.loads(meta["captions"]))
     # verify="header": only captions are needed, but the same items as training (bad files skipped).
-    return [text for _, text in CaptionedFolder(path, verify="header").items]
+    return [text for _, text in CaptionedFolder(path, verify="header", strict=config.strict).items]
 
 
 class TokenizerStage:

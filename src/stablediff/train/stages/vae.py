@@ -99,7 +99,7 @@ def image_text_data(config: TrainConfig) -> tuple[Dataset, Dataset]:
     if not config.data or config.data.endswith(".safetensors"):
         raise ValueError(f"--data must be 'shapes' or a captioned image folder for this stage, got {config.data!r}")
     folder = CaptionedFolder(config.data, config.resolution, crop="center" if config.center_crop else "random",
-                             flip=config.flip, seed=config.seed)
+                             flip=config.flip, seed=config.seed, strict=config.strict)
     plain = copy.copy(folder)  # the same verified items, read without augmentation
     plain.crop, plain.flip = "center", False
     n_eval = min(config.eval_size, len(folder) // 10)
