@@ -216,3 +216,14 @@ def test_text_stage_learns_evaluates_and_exports(tmp_path):
     assert model.config == stage.text_config and tok.encoder == stage.tokenizer.encoder
     with torch.no_grad():
         assert torch.equal(model(ids), stage.trainable()["text"].eval()(ids))
+
+
+def test_foreground_mask_marks_what_stands_out():
+    from stablediff.train.stages.vae import foreground_mask
+
+    images = torch.ones(2, 3, 16, 16)  # white
+    images[0, :, 4:8, 4:8] = torch.tensor([0.7, -0.7, -0.7])[:, None, None]  # a red square
+    images[1] = -1.0  # black, empty
+    mask = foreground_mask(images)
+    assert mask.shape == (2, 1, 16, 16)
+    assert mask[0, 0, 4:8, 4:8].all() and mask[0].sum() == 16 and mask[1].sum() == 0

@@ -62,6 +62,9 @@ class TrainConfig:
     # vae
     kl_weight: float = 1e-6
     recon_loss: str = "l1"  # "l1" | "l2"
+    # Extra weight of foreground pixels (those far from the image's border colour) in the
+    # reconstruction loss: small objects on flat backgrounds are otherwise learnt last.
+    recon_focus: float = 0.0
     disc_weight: float = 0.0  # 0 disables the patch discriminator; scales LDM's adaptive weight
     disc_start: int = 0  # step at which the discriminator loss starts
 
@@ -89,7 +92,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma"):
+        for name in ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma", "recon_focus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("caption_dropout", "ema_decay", "lr_min_ratio"):

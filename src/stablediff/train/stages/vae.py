@@ -161,6 +161,14 @@ def vae_config(name: str) -> VAEConfig:
     return VAE_SIZES[name]
 
 
+def foreground_mask(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> [B, 1, H, W] in {0, 1}: pixels farther than `threshold` (in any
+    channel) from the median colour of the image's border, i.e. what stands out of the background."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    return ((images - background).abs().amax(dim=1, keepdim=True) > threshold).to(images.dtype)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2): [B]."""
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
@@ -202,7 +210,12 @@ class VAEStage(Stage):
         out = model(images, generator)
         recon = out["recon"]
         diff = (recon.float() - images.float())
-        rec = diff.abs().mean() if self.config.recon_loss == "l1" else diff.pow(2).mean()
+        per_pixel = diff.abs() if self.config.recon_loss == "l1" else diff.pow(2)
+        if self.config.recon_focus > 0:
+            weight = 1.0 + self.config.recon_focus * foreground_mask(images.float())
+            rec = (per_pixel * weight).sum() / (weight.sum() * per_pixel.shape[1])
+        else:
+            rec = per_pixel.mean()
         kl = out["kl"].float().mean() / images[0].numel()
         terms = {"rec": rec, "kl": self.config.kl_weight * kl}
         metrics = {"rec": rec.item(), "kl": out["kl"].float().mean().item(),
