@@ -87,7 +87,7 @@ def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: 
             if export is None:
                 progress = progress_factory(stage) if progress_factory else None
                 export = train(stage, config, resume="auto", progress=progress)
-        seconds = time.perf_counter() - start
+        seconds = _training_seconds(out / stage) or (time.perf_counter() - start)
         logger.info("recipe stage %s: %s (%.0f s)", stage, export, seconds)
         done[stage] = {"export": str(export), "seconds": seconds, "config": json.loads(config.to_json())}
     return done
@@ -109,6 +109,20 @@ def _latent_cache(recipe: dict, out: Path) -> Path:
     encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR), cache, batch_size=64)
     logger.info("recipe: encoded %d images to %s (%.0f s)", len(images), cache, time.perf_counter() - start)
     return cache
+
+
+def _training_seconds(run: Path) -> float | None:
+    """Wall time a stage's training took, from its metrics log (also when this process resumed or
+    skipped it): the logged span, extrapolated to the steps before the first log line."""
+    log = run / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "time" in r and "step" in r]
+    if len(rows) < 2 or rows[-1]["step"] == rows[0]["step"]:
+        return None
+    first, last = rows[0], rows[-1]
+    return (last["time"] - first["time"]) * last["step"] / (last["step"] - first["step"])
 
 
 def _existing_export(run: Path) -> Path | None:
