@@ -8,7 +8,7 @@ same batch, timesteps and text context), in float32 and under bf16 autocast. Aft
 each, rounds alternate ours / diffusers so that drift in machine speed affects both alike; the
 median over rounds is reported. Configurations:
 
-- shapes-small: the bundled model's training size (16x16x4 latents, 256-wide context), batch 16;
+- shapes-small: the bundled model's training size (16x16x4 latents, 128-wide context), batch 16;
 - sd15-128: the SD 1.5 channel layout at model_channels 128 (instead of 320; ~142M parameters),
   32x32 latents, 768-wide context, batch 4.
 
