@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _params_from_args(args: argparse.Namespace) -> tuple[GenerationParams, str | None]:
-    """GenerationParams from the flags, over those of --from PNG when given; and the model."""
+def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """GenerationParams fields from the flags, over those of --from PNG when given; and the model."""
     values: dict = {}
     model = None
     if args.from_png:
@@ -155,17 +155,20 @@ def _params_from_args(args: argparse.Namespace) -> tuple[GenerationParams, str |
         raise ValueError("a prompt is needed (or --from IMAGE.png)")
     if values.get("seed") is None:
         values["seed"] = secrets.randbelow(2**32)
-    return GenerationParams(**values), args.model or model
+    return values, args.model or model
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params, model = _params_from_args(args)
+    values, model = _params_from_args(args)
     model = model or default_model()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
-    params.validate()
+    GenerationParams(**{"width": 64, "height": 64, **values}).validate()  # fail before loading the model
     pipe = load_pipeline(model, device=args.device, dtype=DTYPES[args.dtype])
+    # Without --width/--height, the model's own image size (512 for SD 1.x, 64 for the bundled model).
+    size = pipe.spec.default_size
+    params = GenerationParams(**{"width": size, "height": size, **values}).validate()
     if params.width % (pipe.spec.vae.downscale) or params.height % pipe.spec.vae.downscale:
         raise ValueError(f"width and height must be multiples of {pipe.spec.vae.downscale} for this model")
     existing = next(p for p in (out, *out.parents) if p.exists())  # checked now, created after sampling
