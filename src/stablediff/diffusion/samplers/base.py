@@ -9,6 +9,7 @@ which keeps every step free of device synchronisation.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,7 @@ def sigma_list(sigmas: Tensor) -> list[float]:
     if sigmas.ndim != 1 or sigmas.numel() < 1:
         raise ValueError(f"sigmas must be a 1-d tensor with at least one element, got shape {tuple(sigmas.shape)}")
     values = [float(v) for v in sigmas.detach().to("cpu", torch.float32)]
-    if any(b > a for a, b in zip(values, values[1:], strict=False)) or values[-1] < 0:
+    if any(b > a for a, b in itertools.pairwise(values)) or values[-1] < 0:
         raise ValueError("sigmas must be non-increasing and non-negative")
     return values
 

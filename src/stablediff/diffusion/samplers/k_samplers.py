@@ -209,7 +209,7 @@ def lms(
         report(callback, i, x, sig[i], sig[i + 1], denoised)
         cur = min(i + 1, order)
         coeffs = [lms_coefficient(cur, sig, i, j) for j in range(cur)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=False))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
     return x
 
 
