@@ -127,13 +127,14 @@ class StableDiffusion:
         start = 0 if params.init_image is None else plan.start_index(params.strength)
         sigmas = plan.sigmas[start:]
         total = (len(sigmas) - 1) * params.batch_size
+        inputs = _Inputs(self, params, latent_shape)  # image, mask and their encodings: once per run
         # One image at a time, each from its own generator: image k of a batch is then bit-identical
         # to a batch of one with seed + k (batched kernels may round differently).
         results = []
         for k in range(params.batch_size):
             generator = torch.Generator().manual_seed(params.seed + k)
             latents = None if params.latents is None else params.latents[k : k + 1]
-            init = _Start(self, params, plan, sigmas, generator, latent_shape, latents)
+            init = _Start(inputs, plan, sigmas, generator, latent_shape, latents, self.device)
             extra = {"context": cond, "uncond_context": uncond}
             if init.concat is not None:
                 extra["concat"] = init.concat
@@ -155,6 +156,39 @@ class StableDiffusion:
         return torch.cat(results)
 
 
+class _Inputs:
+    """What every image of a run shares, prepared once: the init image's and the masked image's
+    VAE posteriors and the latent-size mask (each image then draws its own samples)."""
+
+    def __init__(self, pipe: StableDiffusion, params: GenerationParams, latent_shape: tuple[int, ...]):
+        self.image_posterior = self.masked_posterior = self.latent_mask = None
+        self.inpaint = params.mask is not None
+        self.full_strength_inpaint = self.inpaint and params.strength >= 1.0
+        if params.init_image is None:
+            return
+        device, vae_dtype = pipe.device, next(pipe.vae.parameters()).dtype
+
+        def encode(image: torch.Tensor):
+            return pipe.vae.encode(image.to(device, vae_dtype))
+
+        picture = load_image(params.init_image)
+        image = image_to_tensor(resize_for_model(picture, params.width, params.height))
+        # 9-channel models see the masked image through `concat`; they need the image's own latent
+        # only to start from a partly noised image.
+        if not (pipe.spec.is_inpaint and self.full_strength_inpaint):
+            self.image_posterior = encode(image)
+        if not self.inpaint:
+            return
+        mask_image = load_mask(params.mask)
+        if mask_image.size != picture.size:
+            raise ValueError(f"mask size {mask_image.width}x{mask_image.height} differs from the image size "
+                             f"{picture.width}x{picture.height}")  # fmt: skip
+        mask = mask_to_tensor(mask_image, params.width, params.height)  # [1, 1, H, W] in {0, 1}
+        self.latent_mask = F.interpolate(mask, size=latent_shape[-2:]).to(device)
+        if pipe.spec.is_inpaint:
+            self.masked_posterior = encode(image * (mask < 0.5))
+
+
 class _Start:
     """The initial latent of one image and what inpainting needs, with random numbers drawn from
     the image's generator in diffusers' order: the image's posterior sample, then the noise, then
@@ -164,44 +198,24 @@ class _Start:
     inpainting from pure noise at strength 1 (as diffusers), else like img2img.
     """
 
-    def __init__(self, pipe: StableDiffusion, params: GenerationParams, plan, sigmas, generator: torch.Generator,
-                 latent_shape: tuple[int, ...], latents: torch.Tensor | None):  # fmt: skip
-        device, vae_dtype = pipe.device, next(pipe.vae.parameters()).dtype
-        self.image_latents = self.latent_mask = self.concat = None
-
-        def posterior_sample(image: torch.Tensor) -> torch.Tensor:
-            return pipe.vae.encode(image.to(device, vae_dtype)).sample(generator).float()
-
-        image = None
-        if params.init_image is not None:
-            picture = load_image(params.init_image)
-            image = image_to_tensor(resize_for_model(picture, params.width, params.height))
-        inpaint = params.mask is not None
-        full_strength_inpaint = inpaint and params.strength >= 1.0
-        # 9-channel models see the masked image through `concat`; they need the image's own latent
-        # only to start from a partly noised image.
-        if image is not None and not (pipe.spec.is_inpaint and full_strength_inpaint):
-            self.image_latents = posterior_sample(image)
+    def __init__(self, inputs: _Inputs, plan, sigmas, generator: torch.Generator, latent_shape: tuple[int, ...],
+                 latents: torch.Tensor | None, device: torch.device):  # fmt: skip
+        self.image_latents = self.concat = None
+        self.latent_mask = inputs.latent_mask
+        if inputs.image_posterior is not None:
+            self.image_latents = inputs.image_posterior.sample(generator).float()
         if latents is not None:
             self.noise = latents.float().to(device)
         else:
             self.noise = torch.randn(latent_shape, generator=generator).to(device)
-        if image is None or full_strength_inpaint:
+        if self.image_latents is None or inputs.full_strength_inpaint:
             self.x = self.noise * plan.init_noise_sigma
         else:
             self.x = self.image_latents + self.noise * float(sigmas[0])
-        if not inpaint:
-            return
-
-        mask_image = load_mask(params.mask)
-        if mask_image.size != picture.size:
-            raise ValueError(f"mask size {mask_image.width}x{mask_image.height} differs from the image size "
-                             f"{picture.width}x{picture.height}")  # fmt: skip
-        mask = mask_to_tensor(mask_image, params.width, params.height)  # [1, 1, H, W] in {0, 1}
-        self.latent_mask = F.interpolate(mask, size=latent_shape[-2:]).to(device)
-        if pipe.spec.is_inpaint:
-            self.concat = torch.cat([self.latent_mask, posterior_sample(image * (mask < 0.5))], dim=1)
-        else:
+        if inputs.masked_posterior is not None:
+            masked = inputs.masked_posterior.sample(generator).float()
+            self.concat = torch.cat([self.latent_mask, masked], dim=1)
+        elif inputs.inpaint:
             # diffusers encodes the masked image for every inpainting pipeline; a 4-channel model
             # does not use it, but drawing its noise keeps the generator in step with diffusers'.
             torch.randn(latent_shape, generator=generator)
