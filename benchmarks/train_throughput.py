@@ -1,6 +1,7 @@
 """U-Net training throughput: images/s of one optimizer step, ours vs diffusers' UNet2DConditionModel.
 
     .venv/bin/python benchmarks/train_throughput.py [--rounds 3] [--steps 1] [--threads N] [--quick]
+    python benchmarks/train_throughput.py --device cuda --steps 20 --out benchmarks/results/train_throughput_cuda.json
 
 The same configuration in both (ours -> diffusers with `unet_config_to_diffusers`, the same
 weights through `unet_ours_to_diffusers`), the same loop (AdamW, MSE against a fixed target, the
@@ -11,6 +12,7 @@ median over rounds is reported. Configurations:
 - shapes-small: the bundled model's training size (16x16x4 latents, 128-wide context), batch 16;
 - sd15-128: the SD 1.5 channel layout at model_channels 128 (instead of 320; ~142M parameters),
   32x32 latents, 768-wide context, batch 4.
+On a GPU (`--device cuda`) the batches are 8x larger and every timed round ends with a synchronize.
 
 Takes about 3-4 minutes on 2 CPU cores (bf16 autocast is the slow half on CPUs without native
 bf16). `--quick` runs the tiny preset's U-Net for one round: a check that the script works, which
@@ -57,37 +59,45 @@ def build_pair(cfg: UNetConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours.train(), ref.train()
 
 
+GPU_BATCH_FACTOR = 8
+
+
 def make_step(model: torch.nn.Module, is_ref: bool, batch: dict, bf16: bool):
     """One training step of `model` on `batch`, as a closure."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+        with torch.autocast(batch["x"].device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             out = model(batch["x"], batch["t"], batch["context"])
             out = out.sample if is_ref else out
             loss = torch.nn.functional.mse_loss(out.float(), batch["target"])
         loss.backward()
         optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     return step
 
 
-def timed(step, steps: int) -> float:
+def timed(step, steps: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        loss = step()
+    float(loss)  # waits for the device
     return (time.perf_counter() - start) / steps
 
 
-def bench(name: str, cfg: UNetConfig, side: int, batch_size: int, rounds: int, steps: int) -> list[dict]:
-    ours, ref = build_pair(cfg)
+def bench(name: str, cfg: UNetConfig, side: int, batch_size: int, rounds: int, steps: int,
+          device: torch.device) -> list[dict]:  # fmt: skip
+    ours, ref = (m.to(device) for m in build_pair(cfg))
     g = torch.Generator().manual_seed(0)
     batch = {"x": torch.randn(batch_size, cfg.in_channels, side, side, generator=g),
              "t": torch.randint(0, 1000, (batch_size,), generator=g).float(),
              "context": torch.randn(batch_size, 77, cfg.context_dim, generator=g),
              "target": torch.randn(batch_size, cfg.out_channels, side, side, generator=g)}  # fmt: skip
+    batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad():  # same weights, same numbers: the comparison is of the same computation
         reference = ref(batch["x"], batch["t"], batch["context"]).sample
         diff = ours(batch["x"], batch["t"], batch["context"]) - reference
@@ -99,7 +109,7 @@ def bench(name: str, cfg: UNetConfig, side: int, batch_size: int, rounds: int, s
         times: dict[str, list[float]] = {"ours": [], "diffusers": []}
         for _ in range(rounds):
             for who, step in pair.items():
-                times[who].append(timed(step, steps))
+                times[who].append(timed(step, steps, device))
         ours_s, ref_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
         rows.append({"config": name, "precision": "bf16-autocast" if bf16 else "fp32", "batch": batch_size,
                      "latent": side, "params_m": sum(p.numel() for p in ours.parameters()) / 1e6,
@@ -120,18 +130,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timed round")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny U-Net, one round: checks that the script runs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU batches are 8x the CPU ones)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    device = torch.device(args.device)
+    factor = GPU_BATCH_FACTOR if device.type == "cuda" else 1
     if args.threads:
         torch.set_num_threads(args.threads)
     configs, rounds, steps = (QUICK, 1, 1) if args.quick else (CONFIGS, args.rounds, args.steps)
     start = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    rows = [row for name, (cfg, side, batch) in configs.items() for row in bench(name, cfg, side, batch, rounds, steps)]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
+    rows = [row for name, (cfg, side, batch) in configs.items()
+            for row in bench(name, cfg, side, batch * factor, rounds, steps, device)]
     import diffusers
 
     result = {"benchmark": "train_throughput", "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version(),
+              "threads": torch.get_num_threads(), "machine": platform.machine(), "device": where,
+              "python": platform.python_version(),
               "rounds": rounds, "steps_per_round": steps, "seconds": time.perf_counter() - start,
               "rows": rows}  # fmt: skip
     if args.quick and not args.out:

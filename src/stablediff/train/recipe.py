@@ -2,11 +2,14 @@
 
 A recipe is a TOML file (`src/stablediff/recipes/NAME.toml`): a `[common]` table of TrainConfig
 fields shared by every stage, then one table per stage (`tokenizer`, `vae`, `text`, `unet`).
-`run_recipe` trains the stages in that order, each in `OUT/STAGE/`, handing each stage the exports of
-the ones before it; a stage whose export exists is skipped and one with checkpoints resumes, so an
-interrupted recipe continues where it stopped. `package_model` then writes the finished model as one
-half-precision safetensors file that carries the recipe, every stage's configuration and step
-count, the data seed and the evaluation results in its metadata.
+A recipe may start with `base = "NAME"` (a packaged recipe or a path relative to the file): it
+then inherits every table of that recipe and overrides only the fields it sets (the GPU variant of
+a CPU recipe, say). `run_recipe` trains the stages in that order, each in `OUT/STAGE/`, handing
+each stage the exports of the ones before it; a stage whose export exists is skipped and one with
+checkpoints resumes, so an interrupted recipe continues where it stopped. `package_model` then
+writes the finished model as one half-precision safetensors file that carries the recipe, every
+stage's configuration and step count, the data seed and the evaluation results in its metadata;
+`evaluate_packaged` adds the evaluation to such a file.
 """
 
 from __future__ import annotations
@@ -33,24 +36,39 @@ LATENT_CACHE = "latents.safetensors"
 Progress = Callable[[int, int, dict], None]
 
 
-def read_recipe(name_or_path: str | Path) -> tuple[dict, str]:
-    """(the parsed recipe, its text) from a file path or a packaged recipe name."""
+def read_recipe(name_or_path: str | Path, _chain: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """(the parsed recipe, its text) from a file path or a packaged recipe name; a recipe with a
+    `base` is merged into its base recipe, and the text then holds both files."""
+    if str(name_or_path) in _chain:
+        raise ValueError(f"recipe base chain loops: {' -> '.join((*_chain, str(name_or_path)))}")
+    text, folder = _recipe_text(name_or_path)
+    recipe = tomllib.loads(text)
+    unknown = set(recipe) - {"base", "common", "name", "description", "eval", "latents", *STAGE_ORDER}
+    if unknown:
+        allowed = ", ".join(("base", "common", "latents", "eval", *STAGE_ORDER))
+        raise ValueError(f"recipe has unknown tables {sorted(unknown)}; allowed: {allowed}")
+    if "base" in recipe:
+        base_name = str(recipe.pop("base"))
+        local = folder / f"{base_name}.toml" if folder is not None else None
+        chain = (*_chain, str(name_or_path))
+        base, base_text = read_recipe(local if local is not None and local.is_file() else base_name, chain)
+        for key, value in recipe.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        recipe, text = base, f"{text}\n# ---- base recipe {base_name!r} ----\n{base_text}"
+    return recipe, text
+
+
+def _recipe_text(name_or_path: str | Path) -> tuple[str, Path | None]:
+    """The text of a recipe file (and its folder), or of the packaged recipe of that name."""
     path = Path(name_or_path)
     if path.is_file():
-        text = path.read_text()
-    else:
-        packaged = resources.files("stablediff").joinpath("recipes", f"{name_or_path}.toml")
-        if not packaged.is_file():
-            names = sorted(p.name.removesuffix(".toml") for p in resources.files("stablediff").joinpath("recipes")
-                           .iterdir() if p.name.endswith(".toml"))  # fmt: skip
-            raise ValueError(f"no recipe file {name_or_path!r} and no packaged recipe of that name; packaged: {names}")
-        text = packaged.read_text()
-    recipe = tomllib.loads(text)
-    unknown = set(recipe) - {"common", "name", "description", "eval", "latents", *STAGE_ORDER}
-    if unknown:
-        allowed = ", ".join(("common", "latents", "eval", *STAGE_ORDER))
-        raise ValueError(f"recipe has unknown tables {sorted(unknown)}; allowed: {allowed}")
-    return recipe, text
+        return path.read_text(), path.parent
+    recipes = resources.files("stablediff").joinpath("recipes")
+    packaged = recipes.joinpath(f"{name_or_path}.toml")
+    if not packaged.is_file():
+        names = sorted(p.name.removesuffix(".toml") for p in recipes.iterdir() if p.name.endswith(".toml"))
+        raise ValueError(f"no recipe file {name_or_path!r} and no packaged recipe of that name; packaged: {names}")
+    return packaged.read_text(), None
 
 
 def stage_config(recipe: dict, stage: str, out: Path) -> TrainConfig:
@@ -106,7 +124,8 @@ def _latent_cache(recipe: dict, out: Path) -> Path:
     config.shapes_size = int(recipe["latents"]["scenes"])
     images, _ = image_text_data(config)
     start = time.perf_counter()
-    encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR), cache, batch_size=64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer would run too
+    encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR, device), cache, batch_size=64, device=device)
     logger.info("recipe: encoded %d images to %s (%.0f s)", len(images), cache, time.perf_counter() - start)
     return cache
 
@@ -177,9 +196,24 @@ def build_bundled_model(name_or_path: str | Path, out_dir: str | Path, target: s
                         progress_factory: Callable[[str], Progress] | None = None) -> Path:  # fmt: skip
     """The whole recipe: train every stage, write the half-precision model, evaluate exactly those
     weights, and write `target` with the evaluation in its metadata."""
-    recipe, text = read_recipe(name_or_path)
     out = Path(out_dir)
     stages = run_recipe(name_or_path, out, progress_factory)
+    _, text = read_recipe(name_or_path)
     shipped = package_model(stages["unet"]["export"], out / "model-fp16.safetensors", text, stages)
-    summary = evaluate_model(shipped, recipe.get("eval", {}), out / "eval")
-    return package_model(stages["unet"]["export"], target, text, stages, evaluation=summary)
+    return evaluate_packaged(shipped, name_or_path, target, out / "eval")
+
+
+def evaluate_packaged(model_path: str | Path, recipe: str | Path, target: str | Path, report_dir: str | Path,
+                      progress: Callable[[int, int], None] | None = None) -> Path:  # fmt: skip
+    """Evaluate a model written by `package_model` with `recipe`'s [eval] settings and write it to
+    `target` with the evaluation added to its metadata (the weights are unchanged). Also for a model
+    trained on another machine (a GPU) and evaluated here."""
+    from stablediff.weights.io import read_metadata
+
+    meta = read_metadata(model_path)
+    if "stablediff.stages" not in meta or "stablediff.recipe" not in meta:
+        raise ValueError(f"{model_path} was not written by package_model: it has no recipe or stage metadata")
+    settings = read_recipe(recipe)[0].get("eval", {})
+    summary = evaluate_model(model_path, settings, report_dir, progress)
+    stages = json.loads(meta["stablediff.stages"])
+    return package_model(model_path, target, meta["stablediff.recipe"], stages, evaluation=summary)

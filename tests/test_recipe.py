@@ -1,0 +1,100 @@
+"""Recipes: parsing (base inheritance, errors) and a whole tiny recipe run, resumed, packaged, loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stablediff import GenerationParams, load_pipeline
+from stablediff.train.recipe import evaluate_packaged, package_model, read_recipe, run_recipe, stage_config
+from stablediff.weights.io import read_metadata, read_state_dict
+
+TINY = """
+base = "shapes"
+[common]
+model = "tiny"
+shapes_size = 256
+eval_size = 8
+log_every = 2
+[vae]
+steps = 3
+batch_size = 4
+save_every = 3
+eval_every = 3
+[text]
+steps = 3
+batch_size = 8
+save_every = 3
+eval_every = 3
+[latents]
+scenes = 32
+[unet]
+steps = 3
+batch_size = 4
+save_every = 3
+sample_every = 0
+[eval]
+n = 2
+steps = 2
+"""
+
+
+def test_gpu_recipe_inherits_the_cpu_recipe():
+    cpu, _ = read_recipe("shapes")
+    gpu, text = read_recipe("shapes-gpu")
+    assert gpu["unet"]["batch_size"] == 128 and gpu["unet"]["min_snr_gamma"] == cpu["unet"]["min_snr_gamma"]
+    assert gpu["eval"] == cpu["eval"] and gpu["common"]["num_workers"] == 6 and gpu["name"] == "shapes-gpu"
+    assert gpu["vae"]["recon_focus"] == cpu["vae"]["recon_focus"]
+    assert "base recipe 'shapes'" in text and 'base = "shapes"' in text
+
+
+def test_base_is_looked_up_next_to_the_file_first(tmp_path):
+    (tmp_path / "parent.toml").write_text('[common]\nseed = 3\nresolution = 32\n[vae]\nsteps = 5\n')
+    (tmp_path / "child.toml").write_text('base = "parent"\n[common]\nseed = 4\n')
+    recipe, _ = read_recipe(tmp_path / "child.toml")
+    assert recipe["common"] == {"seed": 4, "resolution": 32} and recipe["vae"] == {"steps": 5}
+
+
+def test_recipe_errors(tmp_path):
+    (tmp_path / "a.toml").write_text('base = "b"\n')
+    (tmp_path / "b.toml").write_text('base = "a"\n')
+    with pytest.raises(ValueError, match="loops"):
+        read_recipe(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text("[optimiser]\nlr = 1\n")
+    with pytest.raises(ValueError, match=r"unknown tables \['optimiser'\]"):
+        read_recipe(tmp_path / "c.toml")
+    with pytest.raises(ValueError, match="no packaged recipe of that name; packaged: .*'shapes'"):
+        read_recipe("no-such-recipe")
+
+
+def test_tiny_recipe_trains_every_stage_resumes_and_packages(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    out = tmp_path / "run"
+    stages = run_recipe(path, out)
+    assert list(stages) == ["tokenizer", "vae", "text", "unet"]
+    assert (out / "latents.safetensors").is_file()
+    assert stage_config(read_recipe(path)[0], "unet", out).data == str(out / "latents.safetensors")
+    # A second run finds every export and trains nothing.
+    mtime = (out / "unet" / "metrics.jsonl").stat().st_mtime
+    again = run_recipe(path, out)
+    assert again["unet"]["export"] == stages["unet"]["export"]
+    assert (out / "unet" / "metrics.jsonl").stat().st_mtime == mtime
+    _, text = read_recipe(path)
+    model = package_model(stages["unet"]["export"], tmp_path / "model.safetensors", text, stages)
+    meta = read_metadata(model)
+    assert json.loads(meta["stablediff.steps"]) == {"vae": 3, "text": 3, "unet": 3}
+    assert meta["stablediff.recipe"].startswith(TINY) and "stablediff.eval" not in meta
+    # Evaluated afterwards (as a model trained on another machine is): same weights, eval added.
+    evaluated = evaluate_packaged(model, path, tmp_path / "evaluated.safetensors", tmp_path / "report")
+    meta2 = read_metadata(evaluated)
+    summary = json.loads(meta2.pop("stablediff.eval"))
+    assert meta2 == meta and set(summary["suites"]) == {"single", "heldout", "relation"}
+    assert summary["settings"]["n"] == 2 and (tmp_path / "report" / "eval.json").is_file()
+    weights, shipped = read_state_dict(model), read_state_dict(evaluated)
+    assert weights.keys() == shipped.keys() and all(torch.equal(weights[k], shipped[k]) for k in weights)
+    pipe = load_pipeline(evaluated)
+    image = pipe.generate(GenerationParams("a red circle", width=64, height=64, steps=2, seed=0))[0]
+    assert image.size == (64, 64)
