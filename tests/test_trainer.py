@@ -323,7 +323,8 @@ import test_trainer
 from stablediff.train.config import TrainConfig
 from stablediff.train.trainer import train
 config = TrainConfig.from_json(open(sys.argv[1]).read())
-train(getattr(test_trainer, sys.argv[2] if len(sys.argv) > 2 else "ToyStage"), config, device="cpu")
+name = sys.argv[2] if len(sys.argv) > 2 else "ToyStage"
+train(name if name.islower() else getattr(test_trainer, name), config, device="cpu")  # lower case: a real stage
 """
 
 
@@ -400,3 +401,38 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     rng = read_state_dict(run / "checkpoints" / "step_0000006" / "rng.safetensors")
     assert sorted(rng) == ["cpu.rank0", "cpu.rank1"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_torchrun_contrastive_stage_uses_the_whole_global_batch(tmp_path):
+    """The text stage under torchrun scores each pair against every process's pairs (gathered
+    embeddings, gradients routed back): two processes of 4 train as one process of 8."""
+    from stablediff.train.stages.tokenizer import TokenizerStage
+
+    TokenizerStage(TrainConfig(stage="tokenizer", data="shapes", shapes_size=300, vocab_size=600)).fit(tmp_path / "tok")
+
+    def config(out: str, batch_size: int) -> TrainConfig:
+        return TrainConfig(stage="text", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=8,
+                           batch_size=batch_size, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.0, save_every=3,
+                           log_every=1, eval_every=0, tokenizer=str(tmp_path / "tok"),
+                           out=str(tmp_path / out))  # fmt: skip
+
+    (tmp_path / "two.json").write_text(config("two", 4).to_json())
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(_runner(tmp_path)),
+                             str(tmp_path / "two.json"), "text"], capture_output=True, text=True, timeout=180,
+                            env=ONE_THREAD)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    train("text", config("one", 8), device="cpu")
+    a, b = (read_state_dict(tmp_path / run / "checkpoints" / ckpt.step_dir_name(3) / "model.safetensors")
+            for run in ("two", "one"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"contrastive stage, 2 processes x 4 vs 1 process x 8: max abs difference {worst:.3g}")
+    # Rounding differences only (reduction order), which Adam's first steps magnify to ~2e-5; each
+    # process on its own negatives differs by 5e-3 here.
+    assert worst <= 1e-4, worst
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("two", "one")}  # fmt: skip
+    losses = [[r["loss"] for r in rows[run] if "loss" in r] for run in ("two", "one")]
+    assert len(losses[0]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -129,3 +129,36 @@ def allreduce_grads(env: DistEnv, module: torch.nn.Module) -> None:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad)
             param.grad.div_(env.world_size)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands each process the summed gradient of its own rows
+    (an all-reduce, which gloo has, then a slice: the reduce-scatter that gloo lacks)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Every process's `x` (equal shapes), concatenated in rank order; `x` itself outside torchrun.
+
+    Gradients flow back to each process's own rows, summed over the processes' losses; since DDP
+    then averages over processes, a loss computed identically on every process from the gathered
+    batch trains exactly as one process would on the whole batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+    return _GatherWithGrad.apply(x)

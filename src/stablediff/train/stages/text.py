@@ -35,6 +35,7 @@ from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
 from stablediff.tokenizer import CLIPTokenizer
 from stablediff.train.captions import parse_caption
 from stablediff.train.config import TrainConfig
+from stablediff.train.distributed import gather_batch
 from stablediff.train.shapes import Scene, ShapesDataset
 from stablediff.train.stage import Stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR, load_tokenizer
@@ -178,6 +179,9 @@ class TextStage(Stage):
              generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         images, ids = (t.to(self.device, non_blocking=True) for t in batch)
         image_emb, text_emb, scale = model(images, ids, self.tokenizer.eos_id)
+        # Under torchrun every process scores its pairs against the whole global batch (CLIP's
+        # negatives), so N processes train as one process with N times the batch.
+        image_emb, text_emb, ids = gather_batch(image_emb), gather_batch(text_emb), gather_batch(ids)
         loss, logits = contrastive_loss(image_emb, text_emb, scale, ids)
         target = torch.arange(len(ids), device=ids.device)
         accuracy = (logits.argmax(1) == target).float().mean().item()
