@@ -578,3 +578,17 @@ def test_min_snr_gamma_weights() -> None:
     assert min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "eps")[0] == pytest.approx(5.0 / float(snr[0]))
     with pytest.raises(ValueError, match="gamma"):
         min_snr_gamma_weights(t, ns.alphas_cumprod, 0.0, "eps")
+
+
+def test_noise_from_one_generator_per_row():
+    """A list of generators: row k is what generator k alone draws for a batch of one."""
+    from stablediff.diffusion.samplers.base import noise_like
+
+    x = torch.zeros(3, 4, 5, 5)
+    rows = noise_like(x, [torch.Generator().manual_seed(s) for s in (7, 8, 9)], "euler_a")
+    for k, seed in enumerate((7, 8, 9)):
+        assert torch.equal(rows[k : k + 1], noise_like(x[:1], torch.Generator().manual_seed(seed), "euler_a"))
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        noise_like(x, [torch.Generator(), torch.Generator()], "euler_a")
+    with pytest.raises(ValueError, match="stochastic"):
+        noise_like(x, None, "euler_a")

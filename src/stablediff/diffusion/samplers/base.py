@@ -3,7 +3,8 @@
 Every sampler is a pure function ``(denoiser, x, sigmas, *, extra_args, callback, generator,
 **options) -> x``: ``x`` [B, ...] is the VE-frame latent at noise level ``sigmas[0]``, ``sigmas`` a
 descending float tensor [n + 1] (usually ending with 0), and the result is the latent at
-``sigmas[-1]``. Scalar step arithmetic is done on Python floats (the float32 sigma values, exactly),
+``sigmas[-1]``. ``generator``: one torch.Generator, or one per row of ``x`` (``noise_like``).
+Scalar step arithmetic is done on Python floats (the float32 sigma values, exactly),
 which keeps every step free of device synchronisation.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,13 +44,19 @@ def sigma_batch(x: Tensor, sigma: float) -> Tensor:
     return torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None, sampler: str) -> Tensor:
+def noise_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None, sampler: str) -> Tensor:
     """Standard normal noise shaped like x, drawn in float32 on the generator's device (the CPU for
-    the usual CPU generator, so a seed gives the same image on any device), then moved to x."""
+    the usual CPU generator, so a seed gives the same image on any device), then moved to x.
+    A sequence of generators draws row k of the batch from generator k (as diffusers does with a
+    list), so each image's noise is what a batch of one with its generator would get."""
     if generator is None:
         raise ValueError(f"sampler {sampler!r} is stochastic: pass an explicit torch.Generator")
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=generator.device)
-    return noise.to(device=x.device, dtype=x.dtype)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=generator.device)
+        return noise.to(device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"sampler {sampler!r}: {len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.cat([noise_like(row, g, sampler) for row, g in zip(x.split(1), generator, strict=True)])
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
