@@ -113,6 +113,15 @@ def test_explicit_latents_match_diffusers(models):
     _compare(pipe.generate(params)[0], expected, "explicit latents")
 
 
+def _generate_batched(pipe, params: GenerationParams) -> list[Image.Image]:
+    """generate with the images of the batch together, as on CUDA (the fixture's pipe is shared)."""
+    pipe.batch_images = True
+    try:
+        return pipe.generate(params)
+    finally:
+        pipe.batch_images = None
+
+
 @pytest.mark.parametrize("kind", ["txt2img", "inpaint", "inpaint-9ch"])
 def test_batched_images_equal_images_run_one_at_a_time(models, kind):
     """Images run through the U-Net together (the default on CUDA), each with its own generator,
@@ -124,11 +133,7 @@ def test_batched_images_equal_images_run_one_at_a_time(models, kind):
     if kind != "txt2img":
         params.init_image, params.mask, params.strength = _test_image(4), _mask(), 1.0
     apart = pipe.generate(params)
-    try:
-        pipe.batch_images = True
-        together = pipe.generate(params)
-    finally:
-        pipe.batch_images = None
+    together = _generate_batched(pipe, params)
     for k, (a, b) in enumerate(zip(together, apart, strict=True)):
         _compare(a, np.asarray(b) / 255.0, f"{kind} image {k}, batched vs one at a time")
 
@@ -143,10 +148,6 @@ def test_batched_images_match_diffusers_with_a_generator_per_image(models):
     with torch.no_grad():
         expected = ref(PROMPT, height=64, width=64, num_inference_steps=6, num_images_per_prompt=3, output_type="np",
                        generator=[torch.Generator().manual_seed(40 + k) for k in range(3)]).images  # fmt: skip
-    try:
-        pipe.batch_images = True
-        images = pipe.generate(params)
-    finally:
-        pipe.batch_images = None
+    images = _generate_batched(pipe, params)
     for k, (image, reference) in enumerate(zip(images, expected, strict=True)):
         _compare(image, reference, f"batched txt2img image {k}")
