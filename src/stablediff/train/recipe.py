@@ -28,6 +28,7 @@ from stablediff.train.config import TrainConfig
 from stablediff.train.stages import get_stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR
 from stablediff.train.trainer import EXPORT_DIR, train
+from stablediff.weights.io import read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +209,6 @@ def evaluate_packaged(model_path: str | Path, recipe: str | Path, target: str | 
     """Evaluate a model written by `package_model` with `recipe`'s [eval] settings and write it to
     `target` with the evaluation added to its metadata (the weights are unchanged). Also for a model
     trained on another machine (a GPU) and evaluated here."""
-    from stablediff.weights.io import read_metadata
-
     meta = read_metadata(model_path)
     if "stablediff.stages" not in meta or "stablediff.recipe" not in meta:
         raise ValueError(f"{model_path} was not written by package_model: it has no recipe or stage metadata")
