@@ -98,3 +98,18 @@ def test_tiny_recipe_trains_every_stage_resumes_and_packages(tmp_path):
     pipe = load_pipeline(evaluated)
     image = pipe.generate(GenerationParams("a red circle", width=64, height=64, steps=2, seed=0))[0]
     assert image.size == (64, 64)
+
+
+def test_train_recipe_command_packages_an_evaluated_model(tmp_path, capsys):
+    from stablediff.cli import main
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    target = tmp_path / "model.safetensors"
+    assert main(["train", "recipe", str(path), "--out", str(tmp_path / "run"), "--package", str(target)]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(target))
+    summary = json.loads(read_metadata(target)["stablediff.eval"])
+    assert summary["settings"]["n"] == 2 and summary["judge"]["clean"]["overall"] >= 0.99
+    assert (tmp_path / "run" / "eval" / "eval.md").is_file()
+    assert main(["train", "recipe", str(path), "--out", str(tmp_path / "run"), "--lr=1"]) == 2
+    assert "a recipe takes its settings from its file" in capsys.readouterr().err
