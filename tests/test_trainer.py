@@ -18,6 +18,7 @@ from torch import nn
 
 from stablediff.train import checkpoint as ckpt
 from stablediff.train.config import TrainConfig
+from stablediff.train.distributed import rank_rows
 from stablediff.train.optim import lr_at
 from stablediff.train.order import Position, RankBatches, permutation
 from stablediff.train.stage import Stage
@@ -69,7 +70,7 @@ class ToyStage(Stage):
     def loss(self, model, batch, step, generator):
         x, y = batch
         if self.noisy:
-            y = y + 0.01 * torch.randn(y.shape, generator=generator)
+            y = y + 0.01 * rank_rows(lambda n: torch.randn(n, generator=generator), y.shape[0])
         loss = (model(x.to(self.device)).squeeze(1) - y.to(self.device)).pow(2).mean()
         if step in self.nan_steps:
             loss = loss * float("nan")
@@ -94,6 +95,10 @@ class QuietToy(ToyStage):
 
 
 class QuietNan(QuietToy):
+    nan_steps = frozenset({2})
+
+
+class NoisyNan(ToyStage):
     nan_steps = frozenset({2})
 
 
@@ -383,10 +388,10 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path)
     (tmp_path / "two.json").write_text(two.to_json())
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(_runner(tmp_path)),
-                             str(tmp_path / "two.json"), "QuietNan"], capture_output=True, text=True, timeout=120,
+                             str(tmp_path / "two.json"), "NoisyNan"], capture_output=True, text=True, timeout=120,
                             env=ONE_THREAD)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    train(QuietNan, toy_config(tmp_path / "one", batch_size=4, **common))
+    train(NoisyNan, toy_config(tmp_path / "one", batch_size=4, **common))
     a, b = final_state(tmp_path / "two", 6), final_state(tmp_path / "one", 6)
     worst = max(float((a[p][k] - b[p][k]).abs().max()) for p in ("model", "ema") for k in a[p])
     print(f"DDP vs one process: max abs difference {worst:.3g}")
@@ -403,6 +408,29 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path)
     assert sorted(rng) == ["cpu.rank0", "cpu.rank1"]
 
 
+def _two_processes_vs_one(tmp_path: Path, stage: str, batch_size: int, **fields) -> float:
+    """Train `stage` 3 steps with 2 processes of `batch_size` and 1 process of twice that; returns
+    the largest difference of the final weights."""
+
+    def config(out: str, batch: int) -> TrainConfig:
+        return TrainConfig(stage=stage, data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=8,
+                           batch_size=batch, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.0, save_every=3,
+                           log_every=1, eval_every=0, out=str(tmp_path / out), **fields)  # fmt: skip
+
+    (tmp_path / "two.json").write_text(config("two", batch_size).to_json())
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(_runner(tmp_path)),
+                             str(tmp_path / "two.json"), stage], capture_output=True, text=True, timeout=180,
+                            env=ONE_THREAD)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    train(stage, config("one", 2 * batch_size), device="cpu")
+    a, b = (read_state_dict(tmp_path / run / "checkpoints" / ckpt.step_dir_name(3) / "model.safetensors")
+            for run in ("two", "one"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"{stage} stage, 2 processes x {batch_size} vs 1 process x {2 * batch_size}: max abs difference {worst:.3g}")
+    return worst
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_torchrun_contrastive_stage_uses_the_whole_global_batch(tmp_path):
     """The text stage under torchrun scores each pair against every process's pairs (gathered
@@ -410,24 +438,7 @@ def test_torchrun_contrastive_stage_uses_the_whole_global_batch(tmp_path):
     from stablediff.train.stages.tokenizer import TokenizerStage
 
     TokenizerStage(TrainConfig(stage="tokenizer", data="shapes", shapes_size=300, vocab_size=600)).fit(tmp_path / "tok")
-
-    def config(out: str, batch_size: int) -> TrainConfig:
-        return TrainConfig(stage="text", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=8,
-                           batch_size=batch_size, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.0, save_every=3,
-                           log_every=1, eval_every=0, tokenizer=str(tmp_path / "tok"),
-                           out=str(tmp_path / out))  # fmt: skip
-
-    (tmp_path / "two.json").write_text(config("two", 4).to_json())
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(_runner(tmp_path)),
-                             str(tmp_path / "two.json"), "text"], capture_output=True, text=True, timeout=180,
-                            env=ONE_THREAD)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    train("text", config("one", 8), device="cpu")
-    a, b = (read_state_dict(tmp_path / run / "checkpoints" / ckpt.step_dir_name(3) / "model.safetensors")
-            for run in ("two", "one"))
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    print(f"contrastive stage, 2 processes x 4 vs 1 process x 8: max abs difference {worst:.3g}")
+    worst = _two_processes_vs_one(tmp_path, "text", 4, tokenizer=str(tmp_path / "tok"))
     # Rounding differences only (reduction order), which Adam's first steps magnify to ~2e-5; each
     # process on its own negatives differs by 5e-3 here.
     assert worst <= 1e-4, worst
@@ -436,3 +447,10 @@ def test_torchrun_contrastive_stage_uses_the_whole_global_batch(tmp_path):
     losses = [[r["loss"] for r in rows[run] if "loss" in r] for run in ("two", "one")]
     assert len(losses[0]) == 3
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_torchrun_unet_stage_draws_the_noise_of_one_process(tmp_path):
+    """The U-Net stage's posterior samples, timesteps and noise come from the global batch's draw
+    (distributed.rank_rows): two processes of 2 train as one process of 4 (5e-3 apart without it)."""
+    assert _two_processes_vs_one(tmp_path, "unet", 2) <= 1e-4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -162,3 +163,15 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
     return _GatherWithGrad.apply(x)
+
+
+def rank_rows(draw: Callable[[int], torch.Tensor], rows: int) -> torch.Tensor:
+    """This process's `rows` rows of a random draw for the whole global batch.
+
+    `draw(n)` draws n rows from the trainer's step generator, which is the same on every process;
+    process r keeps rows r, r + W, ... (the rows of the global batch it holds, see RankBatches).
+    So the noise of every example is what one process with the whole batch would draw for it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return draw(rows)
+    world = dist.get_world_size()
+    return draw(rows * world)[dist.get_rank() :: world]

@@ -51,7 +51,9 @@ class Stage(ABC):
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """(scalar loss to minimise, metrics to log as floats). `model` is `trainable()`, possibly
         DDP-wrapped: call it (or `model.module` attributes) rather than `self.trainable()`. All
-        randomness (noise, timesteps, dropout masks) comes from `generator` so resume is exact."""
+        randomness (noise, timesteps, dropout masks) comes from `generator` so resume is exact.
+        `generator` is the same on every process under torchrun: draw per-example randomness with
+        `distributed.rank_rows`, so that each example's noise does not depend on the world size."""
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics (PSNR, retrieval accuracy, ...) for the EMA (or raw) model."""

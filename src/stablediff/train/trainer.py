@@ -180,7 +180,9 @@ class _Run:
         for micro in range(c.grad_accum):
             batch = next(batches)
             self.position = self.position.advance(c.batch_size * env.world_size, len(self.dataset))
-            generator = torch.Generator().manual_seed(_seed(c.seed, "loss", env.rank, self.step, micro))
+            # The same generator on every process: stages draw for the global batch and keep their
+            # rows (distributed.rank_rows), so N processes train as one with N times the batch.
+            generator = torch.Generator().manual_seed(_seed(c.seed, "loss", self.step, micro))
             with self._autocast():
                 loss, stage_metrics = self.stage.loss(self.model, batch, self.step, generator)
             value = float(loss.detach().float().item())

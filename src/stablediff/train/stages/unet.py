@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from stablediff.diffusion import NoiseSchedule, ScheduleConfig, min_snr_gamma_we
 from stablediff.models.unet import UNetConfig, UNetModel
 from stablediff.presets import PRESETS, ModelSpec
 from stablediff.train.config import TrainConfig
+from stablediff.train.distributed import rank_rows
 from stablediff.train.stage import Stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR
 from stablediff.train.stages.unet_parts import captions_of, frozen_parts, unet_data
@@ -67,6 +69,11 @@ def sample_prompts(config: TrainConfig, held: Dataset) -> list[str]:
         return [p for p, _ in prompt_suite("single", 6)] + [p for p, _ in prompt_suite("relation", 2)]
     captions = list(dict.fromkeys(c for c in captions_of(held) if c)) or ["a photo"]
     return [captions[i % len(captions)] for i in range(SAMPLE_COUNT)]
+
+
+def _every_row(draw: Callable[[int], torch.Tensor], rows: int) -> torch.Tensor:
+    """All rows of a draw: outside the training step (evaluation runs in one process)."""
+    return draw(rows)
 
 
 class UNetStage(Stage):
@@ -122,10 +129,19 @@ class UNetStage(Stage):
                 "ids": torch.tensor(self.tokenizer([c for _, c in items]), dtype=torch.long)}  # fmt: skip
 
     # -----------------------------------------------------------------------------------------
-    def _latents_and_context(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latents_and_context(self, batch: dict, generator: torch.Generator,
+                             rows: Callable = _every_row) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Latents (cached, or a posterior sample with noise drawn through `rows`: rank_rows in a
+        training step) and the text context."""
         x = batch["x"].to(self.device, non_blocking=True)
         with torch.no_grad():
-            latents = x if self.latents else self.vae.encode(x).sample(generator)
+            if self.latents:
+                latents = x
+            else:
+                posterior = self.vae.encode(x)
+                shape = posterior.mean.shape[1:]
+                eps = rows(lambda n: torch.randn((n, *shape), generator=generator), x.shape[0])
+                latents = posterior.mean + posterior.std * eps.to(posterior.mean)
             context = self.text_encoder(batch["ids"].to(self.device, non_blocking=True))
         return latents.float(), context
 
@@ -144,9 +160,10 @@ class UNetStage(Stage):
         return per_sample
 
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        latents, context = self._latents_and_context(batch, generator)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
+        latents, context = self._latents_and_context(batch, generator, rank_rows)
+        b, steps = latents.shape[0], self.noise.config.num_train_timesteps
+        t = rank_rows(lambda n: torch.randint(0, steps, (n,), generator=generator), b)
+        noise = rank_rows(lambda n: torch.randn((n, *latents.shape[1:]), generator=generator), b)
         per_sample = self._loss(model, latents, context, t, noise)
         return per_sample.mean(), {"latent_std": float(latents.std())}
 

@@ -41,6 +41,7 @@ from stablediff.image import image_to_tensor, tensor_to_images
 from stablediff.models.vae import AutoencoderKL, VAEConfig
 from stablediff.train.config import TrainConfig
 from stablediff.train.data import CaptionedFolder
+from stablediff.train.distributed import rank_rows
 from stablediff.train.shapes import ShapesDataset
 from stablediff.train.stage import Stage
 from stablediff.weights.io import atomic_write_bytes, read_metadata, read_state_dict, write_safetensors
@@ -144,7 +145,13 @@ class AutoencoderTrainable(nn.ModuleDict):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         posterior = self["vae"].encode(images)
-        recon = self["vae"].decode(posterior.sample(generator))
+        if generator is None:
+            latents = posterior.sample()
+        else:  # the trainer's step generator: this process's rows of a global-batch draw
+            shape = posterior.mean.shape[1:]
+            eps = rank_rows(lambda n: torch.randn((n, *shape), generator=generator), images.shape[0])
+            latents = posterior.mean + posterior.std * eps.to(posterior.mean)
+        recon = self["vae"].decode(latents)
         out = {"recon": recon, "kl": posterior.kl()}
         if "disc" in self:
             disc = self["disc"]
