@@ -18,7 +18,7 @@ from torch import nn
 
 from stablediff.train import checkpoint as ckpt
 from stablediff.train.config import TrainConfig
-from stablediff.train.distributed import rank_rows
+from stablediff.train.distributed import rank_randn
 from stablediff.train.optim import lr_at
 from stablediff.train.order import Position, RankBatches, permutation
 from stablediff.train.stage import Stage
@@ -70,7 +70,7 @@ class ToyStage(Stage):
     def loss(self, model, batch, step, generator):
         x, y = batch
         if self.noisy:
-            y = y + 0.01 * rank_rows(lambda n: torch.randn(n, generator=generator), y.shape[0])
+            y = y + 0.01 * rank_randn(generator, y.shape)
         loss = (model(x.to(self.device)).squeeze(1) - y.to(self.device)).pow(2).mean()
         if step in self.nan_steps:
             loss = loss * float("nan")

@@ -182,11 +182,13 @@ class DiagonalGaussian:
         self.mean = mean * scale
         self.std = torch.exp(0.5 * logvar) * scale
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Noise on the generator's device (CPU by convention), so a seed means the same on any device.
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * noise; `noise` (standard normal, like mean) is drawn from `generator` unless given."""
+        if noise is None:
+            # Noise on the generator's device (CPU by convention), so a seed means the same on any device.
+            device = generator.device if generator is not None else self.mean.device
+            noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -175,3 +175,8 @@ def rank_rows(draw: Callable[[int], torch.Tensor], rows: int) -> torch.Tensor:
         return draw(rows)
     world = dist.get_world_size()
     return draw(rows * world)[dist.get_rank() :: world]
+
+
+def rank_randn(generator: torch.Generator, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise of `shape` (this process's rows first): `rank_rows` of a float32 draw."""
+    return rank_rows(lambda n: torch.randn((n, *shape[1:]), generator=generator), shape[0])

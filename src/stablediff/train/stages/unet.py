@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from stablediff.diffusion import NoiseSchedule, ScheduleConfig, min_snr_gamma_we
 from stablediff.models.unet import UNetConfig, UNetModel
 from stablediff.presets import PRESETS, ModelSpec
 from stablediff.train.config import TrainConfig
-from stablediff.train.distributed import rank_rows
+from stablediff.train.distributed import rank_randn, rank_rows
 from stablediff.train.stage import Stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR
 from stablediff.train.stages.unet_parts import captions_of, frozen_parts, unet_data
@@ -69,11 +68,6 @@ def sample_prompts(config: TrainConfig, held: Dataset) -> list[str]:
         return [p for p, _ in prompt_suite("single", 6)] + [p for p, _ in prompt_suite("relation", 2)]
     captions = list(dict.fromkeys(c for c in captions_of(held) if c)) or ["a photo"]
     return [captions[i % len(captions)] for i in range(SAMPLE_COUNT)]
-
-
-def _every_row(draw: Callable[[int], torch.Tensor], rows: int) -> torch.Tensor:
-    """All rows of a draw: outside the training step (evaluation runs in one process)."""
-    return draw(rows)
 
 
 class UNetStage(Stage):
@@ -130,18 +124,19 @@ class UNetStage(Stage):
 
     # -----------------------------------------------------------------------------------------
     def _latents_and_context(self, batch: dict, generator: torch.Generator,
-                             rows: Callable = _every_row) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Latents (cached, or a posterior sample with noise drawn through `rows`: rank_rows in a
-        training step) and the text context."""
+                             global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Latents (cached, or a posterior sample) and the text context. `global_batch`: in a training
+        step the posterior noise is this process's rows of the global batch's draw (rank_randn);
+        evaluation runs in one process and draws for its own batch."""
         x = batch["x"].to(self.device, non_blocking=True)
         with torch.no_grad():
             if self.latents:
                 latents = x
             else:
                 posterior = self.vae.encode(x)
-                shape = posterior.mean.shape[1:]
-                eps = rows(lambda n: torch.randn((n, *shape), generator=generator), x.shape[0])
-                latents = posterior.mean + posterior.std * eps.to(posterior.mean)
+                shape = posterior.mean.shape
+                latents = posterior.sample(noise=rank_randn(generator, shape) if global_batch else
+                                           torch.randn(shape, generator=generator))  # fmt: skip
             context = self.text_encoder(batch["ids"].to(self.device, non_blocking=True))
         return latents.float(), context
 
@@ -160,10 +155,10 @@ class UNetStage(Stage):
         return per_sample
 
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        latents, context = self._latents_and_context(batch, generator, rank_rows)
+        latents, context = self._latents_and_context(batch, generator, global_batch=True)
         b, steps = latents.shape[0], self.noise.config.num_train_timesteps
         t = rank_rows(lambda n: torch.randint(0, steps, (n,), generator=generator), b)
-        noise = rank_rows(lambda n: torch.randn((n, *latents.shape[1:]), generator=generator), b)
+        noise = rank_randn(generator, latents.shape)
         per_sample = self._loss(model, latents, context, t, noise)
         return per_sample.mean(), {"latent_std": float(latents.std())}
 

@@ -41,7 +41,7 @@ from stablediff.image import image_to_tensor, tensor_to_images
 from stablediff.models.vae import AutoencoderKL, VAEConfig
 from stablediff.train.config import TrainConfig
 from stablediff.train.data import CaptionedFolder
-from stablediff.train.distributed import rank_rows
+from stablediff.train.distributed import rank_randn
 from stablediff.train.shapes import ShapesDataset
 from stablediff.train.stage import Stage
 from stablediff.weights.io import atomic_write_bytes, read_metadata, read_state_dict, write_safetensors
@@ -145,13 +145,9 @@ class AutoencoderTrainable(nn.ModuleDict):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         posterior = self["vae"].encode(images)
-        if generator is None:
-            latents = posterior.sample()
-        else:  # the trainer's step generator: this process's rows of a global-batch draw
-            shape = posterior.mean.shape[1:]
-            eps = rank_rows(lambda n: torch.randn((n, *shape), generator=generator), images.shape[0])
-            latents = posterior.mean + posterior.std * eps.to(posterior.mean)
-        recon = self["vae"].decode(latents)
+        # The trainer's step generator: this process's rows of the global batch's draw.
+        noise = rank_randn(generator, posterior.mean.shape) if generator is not None else None
+        recon = self["vae"].decode(posterior.sample(noise=noise))
         out = {"recon": recon, "kl": posterior.kl()}
         if "disc" in self:
             disc = self["disc"]
