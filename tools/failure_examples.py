@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from captioned_grid import captioned_grid, save_grid
 
 from stablediff import GenerationParams, load_pipeline
 
@@ -41,26 +40,14 @@ def main() -> None:
     for suite in result["suites"]:
         failed = [r for r in result["records"] if r["suite"] == suite and not r["all_correct"]]
         picked += failed[: args.per_suite]
+    images = [pipe.generate(GenerationParams(r["prompt"], width=size, height=size, steps=settings["steps"],
+                                             sampler=settings["sampler"], schedule=settings["schedule"],
+                                             guidance_scale=settings["guidance_scale"], seed=r["seed"]))[0]
+              for r in picked]  # fmt: skip
+    captions = [f"[{r['suite']}] {r['prompt']} (seed {r['seed']}) -- {_describe(r)}" for r in picked]
     cell = size * SCALE
-    cols = max(1, args.per_suite)
-    rows = (len(picked) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * cell * 2, max(1, rows) * (cell + TEXT_HEIGHT)), "white")
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
-    for i, record in enumerate(picked):
-        params = GenerationParams(record["prompt"], width=size, height=size, steps=settings["steps"],
-                                  sampler=settings["sampler"], schedule=settings["schedule"],
-                                  guidance_scale=settings["guidance_scale"], seed=record["seed"])  # fmt: skip
-        image = pipe.generate(params)[0].resize((cell, cell), Image.NEAREST)
-        x, y = (i % cols) * cell * 2, (i // cols) * (cell + TEXT_HEIGHT)
-        grid.paste(image, (x, y))
-        text = f"[{record['suite']}] {record['prompt']} (seed {record['seed']}) -- {_describe(record)}"
-        for j, line in enumerate(textwrap.wrap(text, width=2 * cell // 6)[:6]):
-            draw.text((x + 4, y + cell + 2 + 13 * j), line, fill="black", font=font)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    print(out)
+    save_grid(captioned_grid(images, captions, cols=max(1, args.per_suite), cell=cell, caption_height=TEXT_HEIGHT,
+                             slot_width=2 * cell, max_lines=6), args.out)
 
 
 if __name__ == "__main__":

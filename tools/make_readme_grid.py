@@ -9,10 +9,8 @@ hand); rerun after retraining the model.
 from __future__ import annotations
 
 import argparse
-import textwrap
-from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from captioned_grid import captioned_grid, save_grid
 
 from stablediff import GenerationParams, load_pipeline
 
@@ -39,27 +37,13 @@ def main() -> None:
 
     pipe = load_pipeline(args.model)
     size = pipe.spec.default_size
-    cell = size * SCALE
-    cols = 4
-    rows = (len(PROMPTS) + cols - 1) // cols
-    footer = 24
-    grid = Image.new("RGB", (cols * cell, rows * (cell + CAPTION_HEIGHT) + footer), "white")
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
-    for i, prompt in enumerate(PROMPTS):
-        params = GenerationParams(prompt, width=size, height=size, steps=20, sampler="dpmpp_2m", schedule="karras",
-                                  seed=args.seed + i)  # fmt: skip
-        image = pipe.generate(params)[0].resize((cell, cell), Image.NEAREST)
-        x, y = (i % cols) * cell, (i // cols) * (cell + CAPTION_HEIGHT)
-        grid.paste(image, (x, y))
-        for j, line in enumerate(textwrap.wrap(prompt, width=cell // 6)[:3]):
-            draw.text((x + 4, y + cell + 2 + 13 * j), line, fill="black", font=font)
-    note = f"stablediff bundled model, {size}x{size}, DPM++ 2M Karras, 20 steps, CFG 7.5, seeds {args.seed}.."
-    draw.text((4, grid.height - footer + 6), note + f"{args.seed + len(PROMPTS) - 1}", fill="black", font=font)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    print(out)
+    images = [pipe.generate(GenerationParams(prompt, width=size, height=size, steps=20, sampler="dpmpp_2m",
+                                             schedule="karras", seed=args.seed + i))[0]
+              for i, prompt in enumerate(PROMPTS)]  # fmt: skip
+    note = (f"stablediff bundled model, {size}x{size}, DPM++ 2M Karras, 20 steps, CFG 7.5, "
+            f"seeds {args.seed}..{args.seed + len(PROMPTS) - 1}")  # fmt: skip
+    save_grid(captioned_grid(images, PROMPTS, cols=4, cell=size * SCALE, caption_height=CAPTION_HEIGHT, footer=note),
+              args.out)
 
 
 if __name__ == "__main__":
