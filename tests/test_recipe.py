@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from stablediff import GenerationParams, load_pipeline
-from stablediff.train.recipe import evaluate_packaged, package_model, read_recipe, run_recipe, stage_config
+from stablediff.train.recipe import (
+    evaluate_packaged,
+    final_export,
+    package_model,
+    read_recipe,
+    run_recipe,
+    stage_config,
+)
 from stablediff.weights.io import read_metadata, read_state_dict
 
 TINY = """
@@ -98,6 +105,26 @@ def test_tiny_recipe_trains_every_stage_resumes_and_packages(tmp_path):
     pipe = load_pipeline(evaluated)
     image = pipe.generate(GenerationParams("a red circle", width=64, height=64, steps=2, seed=0))[0]
     assert image.size == (64, 64)
+
+
+def test_a_finetune_phase_continues_the_unet_phase_and_is_the_packaged_model(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY + "[finetune]\nsteps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n")
+    out = tmp_path / "run"
+    recipe, text = read_recipe(path)
+    config = stage_config(recipe, "finetune", out)
+    assert config.base == str(out / "unet" / "export" / "model.safetensors")
+    assert config.data == str(out / "latents.safetensors") and config.batch_size == 4 and config.steps == 2
+    stages = run_recipe(path, out)
+    assert list(stages) == ["tokenizer", "vae", "text", "unet", "finetune"]
+    assert final_export(stages) == stages["finetune"]["export"] != stages["unet"]["export"]
+    model = package_model(final_export(stages), tmp_path / "model.safetensors", text, stages)
+    assert json.loads(read_metadata(model)["stablediff.steps"]) == {"vae": 3, "text": 3, "unet": 3, "finetune": 2}
+    first, second, shipped = (load_pipeline(p) for p in (stages["unet"]["export"], stages["finetune"]["export"], model))
+    for name in ("unet", "text_encoder"):  # both networks trained on in the second phase, and shipped
+        a, b, c = (getattr(p, name).state_dict() for p in (first, second, shipped))
+        assert any(not torch.equal(a[k], b[k]) for k in a), name
+        assert all(torch.equal(b[k].half().float(), c[k]) for k in b), name
 
 
 def test_train_recipe_command_packages_an_evaluated_model(tmp_path, capsys):

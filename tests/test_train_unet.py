@@ -179,3 +179,34 @@ def test_finetune_starts_from_the_base_model(tmp_path):
     assert stage.vae.config == reference.vae.config and stage.unet.training
     checkpoint = train(FinetuneStage, config, until=1)
     assert checkpoint.name == "step_0000001"
+
+
+def test_train_text_encoder_trains_both_networks_and_exports_them(tmp_path):
+    base = tmp_path / "base.safetensors"
+    save(load_pipeline("tiny", seed=7), base)
+    reference = load_pipeline(base)
+    config = unet_config(tmp_path / "run", stage="finetune", base=str(base), steps=4, eval_every=4, save_every=4,
+                         ema_decay=0.0, train_text_encoder=True)  # fmt: skip
+    exported = train(FinetuneStage, config)
+    saved = read_state_dict(tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder"}
+    pipe = load_pipeline(exported)
+    for name in ("unet", "text_encoder"):  # both were optimised, and the export holds the trained ones
+        before, after = getattr(reference, name).state_dict(), getattr(pipe, name).state_dict()
+        moved = max(float((after[k] - before[k]).abs().max()) for k in before)
+        print(f"{name}: largest weight change {moved:.2e}")
+        assert moved > 1e-4
+        for key, value in after.items():
+            assert torch.equal(value, saved[f"{name}.{key}"]), key
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["latest"]["step"] == 4
+    with pytest.raises(ValueError, match="train_text_encoder is for the unet and finetune stages, not 'vae'"):
+        TrainConfig(stage="vae", train_text_encoder=True)
+
+
+def test_snr_floor_weighs_the_noisiest_timesteps_more(tmp_path):
+    plain = UNetStage(unet_config(tmp_path / "a"), CPU)
+    floored = UNetStage(unet_config(tmp_path / "b", snr_floor=1.0), CPU)
+    batch = plain.collate([plain.dataset()[i] for i in range(4)])
+    losses = [stage.loss(stage.unet, batch, 0, torch.Generator().manual_seed(0))[0] for stage in (plain, floored)]
+    print(f"loss without the floor {losses[0]:.4f}, with it {losses[1]:.4f}")
+    assert losses[1] > losses[0]  # eps weights max(SNR, 1) / SNR >= 1, > 1 wherever SNR < 1

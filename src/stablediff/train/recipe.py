@@ -1,7 +1,10 @@
 """Recipes: a whole model trained by the project's own stages, from nothing, in one command.
 
 A recipe is a TOML file (`src/stablediff/recipes/NAME.toml`): a `[common]` table of TrainConfig
-fields shared by every stage, then one table per stage (`tokenizer`, `vae`, `text`, `unet`).
+fields shared by every stage, then one table per stage (`tokenizer`, `vae`, `text`, `unet`), and
+optionally `finetune`: a second U-Net phase that continues the first one's model, with the `unet`
+table's settings except those it sets itself (another batch size or learning rate, or training
+the text encoder too).
 A recipe may start with `base = "NAME"` (a packaged recipe or a path relative to the file): it
 then inherits every table of that recipe and overrides only the fields it sets (the GPU variant of
 a CPU recipe, say). `run_recipe` trains the stages in that order, each in `OUT/STAGE/`, handing
@@ -27,12 +30,14 @@ import torch
 from stablediff.train.config import TrainConfig
 from stablediff.train.stages import get_stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR
+from stablediff.train.stages.unet import MODEL_FILE
 from stablediff.train.trainer import EXPORT_DIR, train
 from stablediff.weights.io import read_metadata
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER = ("tokenizer", "vae", "text", "unet")
+STAGE_ORDER = ("tokenizer", "vae", "text", "unet", "finetune")
+OPTIONAL_STAGES = ("finetune",)
 LATENT_CACHE = "latents.safetensors"
 Progress = Callable[[int, int, dict], None]
 
@@ -75,11 +80,18 @@ def _recipe_text(name_or_path: str | Path) -> tuple[str, Path | None]:
 def stage_config(recipe: dict, stage: str, out: Path) -> TrainConfig:
     """The TrainConfig of one stage: common fields, the stage's table, and links to earlier stages."""
     links = {"tokenizer": str(out / "tokenizer" / TOKENIZER_DIR)}
-    if stage == "unet":
-        links.update(vae=str(out / "vae"), text=str(out / "text"))
+    tables = [recipe.get(stage, {})]
+    if stage in ("unet", "finetune"):
+        if stage == "unet":
+            links.update(vae=str(out / "vae"), text=str(out / "text"))
+        else:  # the first phase's model carries the VAE, the text encoder and the tokenizer
+            links["base"] = str(out / "unet" / EXPORT_DIR / MODEL_FILE)
+            tables.insert(0, recipe.get("unet", {}))
         if "latents" in recipe:
             links["data"] = str(out / LATENT_CACHE)
-    fields = {**recipe.get("common", {}), **(links if stage != "tokenizer" else {}), **recipe.get(stage, {})}
+    fields = {**recipe.get("common", {}), **(links if stage != "tokenizer" else {})}
+    for table in tables:
+        fields.update(table)
     return TrainConfig(stage=stage, out=str(out / stage), **fields)
 
 
@@ -92,6 +104,8 @@ def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: 
     done: dict[str, dict] = {}
     for stage in STAGE_ORDER:
         if stage not in recipe:
+            if stage in OPTIONAL_STAGES:
+                continue
             raise ValueError(f"recipe lacks a [{stage}] table")
         if stage == "unet" and "latents" in recipe:
             _latent_cache(recipe, out)
@@ -129,6 +143,11 @@ def _latent_cache(recipe: dict, out: Path) -> Path:
     encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR, device), cache, batch_size=64, device=device)
     logger.info("recipe: encoded %d images to %s (%.0f s)", len(images), cache, time.perf_counter() - start)
     return cache
+
+
+def final_export(stages: dict) -> str:
+    """The finished model of a `run_recipe` result: the last U-Net phase's export."""
+    return stages["finetune" if "finetune" in stages else "unet"]["export"]
 
 
 def _training_seconds(run: Path) -> float | None:
@@ -200,7 +219,7 @@ def build_bundled_model(name_or_path: str | Path, out_dir: str | Path, target: s
     out = Path(out_dir)
     stages = run_recipe(name_or_path, out, progress_factory)
     _, text = read_recipe(name_or_path)
-    shipped = package_model(stages["unet"]["export"], out / "model-fp16.safetensors", text, stages)
+    shipped = package_model(final_export(stages), out / "model-fp16.safetensors", text, stages)
     return evaluate_packaged(shipped, name_or_path, target, out / "eval")
 
 

@@ -1,5 +1,6 @@
 """The U-Net stage: train the latent diffusion U-Net (Rombach et al. 2022) against a frozen VAE
-and text encoder; and the finetune stage, which starts the U-Net from an existing model.
+and text encoder (or, with ``train_text_encoder``, together with the text encoder); and the
+finetune stage, which starts the U-Net from an existing model.
 
 Loss (Ho et al. 2020, eq. 14, with the target of the prediction type): latents ``x0`` (a sample
 of the VAE posterior, or of a latent cache), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``,
@@ -70,6 +71,14 @@ def sample_prompts(config: TrainConfig, held: Dataset) -> list[str]:
     return [captions[i % len(captions)] for i in range(SAMPLE_COUNT)]
 
 
+class TextConditionedUNet(nn.ModuleDict):
+    """{"unet", "text_encoder"} trained together (`train_text_encoder`): token ids in, one forward,
+    so DDP wraps it and EMA averages both networks."""
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self["unet"](x_t, t, self["text_encoder"](ids))
+
+
 class UNetStage(Stage):
     name = "unet"
     # Sample grids: DPM++ 2M with these settings (a subclass may make them cheaper, as tests do).
@@ -83,6 +92,10 @@ class UNetStage(Stage):
         self.base = parts.base
         self._train, self._held, self.latents = unet_data(config, self.vae)
         self.unet = self._initial_unet().to(device=device, dtype=torch.float32).train()
+        self.model: nn.Module = self.unet
+        if config.train_text_encoder:
+            self.text_encoder.requires_grad_(True)
+            self.model = TextConditionedUNet({"unet": self.unet, "text_encoder": self.text_encoder})
         self.noise = NoiseSchedule(self._schedule_config())
         self.alphas_cumprod = self.noise.alphas_cumprod.to(torch.float32)
 
@@ -112,7 +125,7 @@ class UNetStage(Stage):
                          num_train_timesteps=s.num_train_timesteps, default_size=self.config.resolution)  # fmt: skip
 
     def trainable(self) -> nn.Module:
-        return self.unet
+        return self.model
 
     def dataset(self) -> Dataset:
         return self._train
@@ -123,11 +136,12 @@ class UNetStage(Stage):
                 "ids": torch.tensor(self.tokenizer([c for _, c in items]), dtype=torch.long)}  # fmt: skip
 
     # -----------------------------------------------------------------------------------------
-    def _latents_and_context(self, batch: dict, generator: torch.Generator,
-                             global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Latents (cached, or a posterior sample) and the text context. `global_batch`: in a training
-        step the posterior noise is this process's rows of the global batch's draw (rank_randn);
-        evaluation runs in one process and draws for its own batch."""
+    def _latents_and_condition(self, batch: dict, generator: torch.Generator,
+                               global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Latents (cached, or a posterior sample) and what the trained model is conditioned on: the
+        frozen text encoder's context, or the token ids when the text encoder trains too.
+        `global_batch`: in a training step the posterior noise is this process's rows of the global
+        batch's draw (rank_randn); evaluation runs in one process and draws for its own batch."""
         x = batch["x"].to(self.device, non_blocking=True)
         with torch.no_grad():
             if self.latents:
@@ -137,29 +151,32 @@ class UNetStage(Stage):
                 shape = posterior.mean.shape
                 latents = posterior.sample(noise=rank_randn(generator, shape) if global_batch else
                                            torch.randn(shape, generator=generator))  # fmt: skip
-            context = self.text_encoder(batch["ids"].to(self.device, non_blocking=True))
-        return latents.float(), context
+            ids = batch["ids"].to(self.device, non_blocking=True)
+            condition = ids if self.config.train_text_encoder else self.text_encoder(ids)
+        return latents.float(), condition
 
-    def _loss(self, model: nn.Module, latents: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+    def _loss(self, model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Per-sample (weighted) MSE [B] for timesteps `t` [B] (int64) and `noise` like `latents`."""
         t = t.to(self.device)
         noise = noise.to(self.device)
         x_t = q_sample(latents, t, noise, self.alphas_cumprod)
         target = training_target(self.config.prediction_type, latents, noise, t, self.alphas_cumprod)
-        prediction = model(x_t, t.float(), context)
+        prediction = model(x_t, t.float(), condition)
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-        if self.config.min_snr_gamma > 0:
-            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, self.config.min_snr_gamma,
-                                                            self.config.prediction_type)  # fmt: skip
+        c = self.config
+        if c.min_snr_gamma > 0 or c.snr_floor > 0:
+            gamma = c.min_snr_gamma if c.min_snr_gamma > 0 else float("inf")
+            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, gamma, c.prediction_type,
+                                                            floor=c.snr_floor)  # fmt: skip
         return per_sample
 
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        latents, context = self._latents_and_context(batch, generator, global_batch=True)
+        latents, condition = self._latents_and_condition(batch, generator, global_batch=True)
         b, steps = latents.shape[0], self.noise.config.num_train_timesteps
         t = rank_rows(lambda n: torch.randint(0, steps, (n,), generator=generator), b)
         noise = rank_randn(generator, latents.shape)
-        per_sample = self._loss(model, latents, context, t, noise)
+        per_sample = self._loss(model, latents, condition, t, noise)
         return per_sample.mean(), {"latent_std": float(latents.std())}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -170,11 +187,11 @@ class UNetStage(Stage):
         total, count = 0.0, 0
         steps = self.noise.config.num_train_timesteps
         for batch in loader:
-            latents, context = self._latents_and_context(batch, generator)
+            latents, condition = self._latents_and_condition(batch, generator)
             b = latents.shape[0]
             t = ((torch.arange(count, count + b) * 0.618034) % 1.0 * steps).long()  # spread over [0, T)
             noise = torch.randn(latents.shape, generator=generator)
-            total += float(self._loss(model, latents, context, t, noise).sum())
+            total += float(self._loss(model, latents, condition, t, noise).sum())
             count += b
         return {"loss": total / max(count, 1)}
 
@@ -183,8 +200,10 @@ class UNetStage(Stage):
         """A StableDiffusion of `model` (the U-Net being trained, or its EMA) and the frozen parts."""
         from stablediff.pipeline import StableDiffusion
 
-        unet = getattr(model, "module", model)  # unwrap DDP
-        return StableDiffusion(unet, self.vae, self.text_encoder, self.tokenizer, self.spec())
+        net = getattr(model, "module", model)  # unwrap DDP
+        if isinstance(net, TextConditionedUNet):
+            return StableDiffusion(net["unet"], self.vae, net["text_encoder"], self.tokenizer, self.spec())
+        return StableDiffusion(net, self.vae, self.text_encoder, self.tokenizer, self.spec())
 
     def sample(self, model: nn.Module, path: Path) -> None:
         """A 4 x 2 grid for fixed prompts and seeds (image k: seed k): DPM++ 2M, 20 steps, guidance 5."""
@@ -244,4 +263,5 @@ class FinetuneStage(UNetStage):
         return unet.requires_grad_(True)
 
 
-__all__ = ["MODEL_FILE", "TRAIN_CONFIG_KEY", "UNET_SIZES", "FinetuneStage", "UNetStage", "unet_size"]
+__all__ = ["MODEL_FILE", "TRAIN_CONFIG_KEY", "UNET_SIZES", "FinetuneStage", "TextConditionedUNet", "UNetStage",
+           "unet_size"]
