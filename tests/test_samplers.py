@@ -580,28 +580,6 @@ def test_min_snr_gamma_weights() -> None:
         min_snr_gamma_weights(t, ns.alphas_cumprod, 0.0, "eps")
 
 
-def test_snr_floor_raises_the_noisiest_timesteps_to_the_floor_in_x0_terms() -> None:
-    ns = NoiseSchedule()
-    t = torch.tensor([0, 100, 500, 850, 999])
-    ac = ns.alphas_cumprod[t].float()
-    snr = ac / (1 - ac)
-    x0_weight = snr.clamp(1.0, 5.0)  # t = 500 and up are below SNR 1
-    assert (snr[2:] < 1).all() and (snr[:2] > 1).all()
-    torch.testing.assert_close(min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "eps", floor=1.0), x0_weight / snr)
-    torch.testing.assert_close(min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "v", floor=1.0), x0_weight / (snr + 1))
-    torch.testing.assert_close(min_snr_gamma_weights(t, ns.alphas_cumprod, float("inf"), "x0", floor=1.0),
-                               snr.clamp(min=1.0))  # fmt: skip
-    # An eps loss weighted so equals the x0 loss weighted by clamp(SNR, 1, 5): the identity behind it.
-    x0, noise = torch.randn(5, 4), torch.randn(5, 4)
-    x0_hat = x0 + 0.1 * torch.randn(5, 4)
-    a, s = ac[:, None].sqrt(), (1 - ac[:, None]).sqrt()
-    eps_hat = (a * x0 + s * noise - a * x0_hat) / s  # the eps prediction that implies x0_hat
-    eps_loss = (eps_hat - noise).pow(2).mean(1) * min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "eps", floor=1.0)
-    torch.testing.assert_close(eps_loss, (x0_hat - x0).pow(2).mean(1) * x0_weight, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match=r"floor must be in \[0, gamma=5.0\], got 6.0"):
-        min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "eps", floor=6.0)
-
-
 def test_noise_from_one_generator_per_row():
     """A list of generators: row k is what generator k alone draws for a batch of one."""
     from stablediff.diffusion.samplers.base import noise_like

@@ -58,9 +58,6 @@ class TrainConfig:
     # diffusion (unet, finetune)
     prediction_type: str = "epsilon"
     min_snr_gamma: float = 0.0  # 0 disables min-SNR weighting (Hang et al. 2023)
-    # > 0: every timestep weighs at least this much in x0 terms (see min_snr_gamma_weights), so the
-    # noisiest ones, where two objects are placed relative to each other, are not left out
-    snr_floor: float = 0.0
     # Train the text encoder with the U-Net on the denoising loss (as DreamBooth's --train_text_encoder):
     # a text tower trained only contrastively need not say which object a relation puts where.
     train_text_encoder: bool = False
@@ -98,9 +95,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonnegative = ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma", "snr_floor",
-                       "recon_focus")  # fmt: skip
-        for name in nonnegative:
+        for name in ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma", "recon_focus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("caption_dropout", "ema_decay", "lr_min_ratio"):

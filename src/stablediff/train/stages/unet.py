@@ -164,11 +164,9 @@ class UNetStage(Stage):
         target = training_target(self.config.prediction_type, latents, noise, t, self.alphas_cumprod)
         prediction = model(x_t, t.float(), condition)
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-        c = self.config
-        if c.min_snr_gamma > 0 or c.snr_floor > 0:
-            gamma = c.min_snr_gamma if c.min_snr_gamma > 0 else float("inf")
-            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, gamma, c.prediction_type,
-                                                            floor=c.snr_floor)  # fmt: skip
+        if self.config.min_snr_gamma > 0:
+            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, self.config.min_snr_gamma,
+                                                            self.config.prediction_type)  # fmt: skip
         return per_sample
 
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
