@@ -20,6 +20,7 @@ from stablediff.train.shapes import (
     CELLS,
     COLORS,
     HELD_OUT_PAIRS,
+    INVERSE_RELATION,
     JITTER,
     SHAPES,
     ObjectSpec,
@@ -215,3 +216,23 @@ def test_prompt_suite_errors():
         prompt_suite("pairs")
     with pytest.raises(ValueError, match=r"n must be an int in \[1, 324\]"):
         prompt_suite("heldout", n=325)
+
+
+def test_inverse_relation_caption_turns_only_the_relation_round():
+    rng = random.Random(3)
+    contradictions = 0
+    for _ in range(500):
+        scene = sample_scene(rng, "train", n_objects=2)
+        text = caption(scene, rng)
+        inverse = cap.inverse_relation_caption(text)
+        assert len(inverse.split()) == len(text.split())
+        try:
+            spec, turned = parse_caption(text), parse_caption(inverse)
+        except ValueError:  # both cells named: the turned relation contradicts them
+            contradictions += 1
+            continue
+        assert turned == SceneSpec(spec.background, spec.objects, INVERSE_RELATION[spec.relation])
+        assert not turned.matches(scene)
+    assert 0 < contradictions < 50
+    assert cap.inverse_relation_caption("a red circle on the left in the lower left corner") is None
+    assert cap.inverse_relation_caption("a red disc under a blue star") == "a red disc above a blue star"

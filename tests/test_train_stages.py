@@ -204,7 +204,8 @@ def test_text_stage_learns_evaluates_and_exports(tmp_path):
     assert last < 0.5 * first
     metrics = stage.evaluate(stage.trainable())
     print("retrieval", metrics)
-    assert set(metrics) == {"retrieval_i2t", "retrieval_t2i", "retrieval_i2t_true", "retrieval_t2i_true"}
+    assert set(metrics) == {"retrieval_i2t", "retrieval_t2i", "retrieval_i2t_true", "retrieval_t2i_true",
+                            "relation_i2t"}  # fmt: skip
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert len(set(stage._eval_set()[2])) == 16  # distinct held-out scenes
     stage.sample(stage.trainable(), tmp_path / "sims.png")
@@ -227,3 +228,49 @@ def test_foreground_mask_marks_what_stands_out():
     mask = foreground_mask(images)
     assert mask.shape == (2, 1, 16, 16)
     assert mask[0, 0, 4:8, 4:8].all() and mask[0].sum() == 16 and mask[1].sum() == 0
+
+
+def test_hard_negatives_are_extra_image_to_text_columns():
+    from stablediff.train.stages.text import contrastive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    image_emb, text_emb, negative_emb = (torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+                                         for _ in range(3))  # fmt: skip
+    ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 7, 2]])
+    scale = torch.tensor(10.0)
+    plain, logits = contrastive_loss(image_emb, text_emb, scale, ids)
+    none = torch.zeros_like(ids)  # no false caption for any row: the same loss
+    assert torch.equal(contrastive_loss(image_emb, text_emb, scale, ids, (negative_emb, none))[0], plain)
+    # Row 0 has a false caption; row 1's false caption is row 2's true one, so image 2 ignores it.
+    negative_ids = torch.tensor([[1, 9, 2], [1, 7, 2], [0, 0, 0]])
+    loss, _ = contrastive_loss(image_emb, text_emb, scale, ids, (negative_emb, negative_ids))
+    i2t = torch.cat([logits, scale * image_emb @ negative_emb.T], 1)  # columns 3-5: the false captions
+    i2t[:, 5] = float("-inf")  # row 2 has none
+    i2t[2, 4] = float("-inf")  # row 1's false caption is image 2's true one
+    target = torch.arange(3)
+    cross_entropy = torch.nn.functional.cross_entropy
+    expected = 0.5 * (cross_entropy(i2t, target) + cross_entropy(logits.T, target))
+    print(f"loss without negatives {plain:.4f}, with {loss:.4f}")
+    torch.testing.assert_close(loss, expected)
+    assert loss > plain
+
+
+def test_text_stage_with_hard_negatives_trains_and_reports_relation_accuracy(tmp_path):
+    from stablediff.train.captions import inverse_relation_caption
+
+    config = TrainConfig(stage="text", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=16,
+                         batch_size=8, hard_negatives=True)  # fmt: skip
+    stage = TextStage(config, CPU)
+    items = [stage.dataset()[i] for i in range(8)]
+    images, ids, negative_ids = batch = stage.collate(items)
+    for (_, text), row in zip(items, negative_ids, strict=True):
+        inverse = inverse_relation_caption(text)
+        want = torch.zeros(77, dtype=torch.long) if inverse is None else torch.tensor(stage.tokenizer([inverse])[0])
+        assert torch.equal(row, want), text
+    assert 0 < (negative_ids != 0).any(1).sum() < 8  # one- and two-object captions both in the batch
+    first, last = _fit(stage, batch, steps=20, lr=2e-3)
+    assert last < first
+    metrics = stage.evaluate(stage.trainable())
+    assert 0.0 <= metrics["relation_i2t"] <= 1.0
+    with pytest.raises(ValueError, match="hard_negatives is for the text stage, not 'unet'"):
+        TrainConfig(stage="unet", hard_negatives=True)

@@ -207,6 +207,20 @@ def caption(scene: Scene, rng: Rng) -> str:
     return f"{_choice(rng, PREFIXES)} {text}" if _uniform(rng, 0, 1) < 0.3 else text
 
 
+_RELATION_SWAP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above", "under": "above"}
+_RELATION_WORDS = re.compile(r"\b(left of|right of|above|below|under)\b")
+
+
+def inverse_relation_caption(text: str) -> str | None:
+    """The caption with its relation turned round in place ("left of" <-> "right of", "above" <->
+    "below"/"under"), every other word kept: a FALSE caption of the scene that only the relation
+    tells apart (a hard negative; where the caption names both cells too, it contradicts itself).
+    None when the caption has no relation. Cell phrases never contain these words ("on the left",
+    "in the lower left corner")."""
+    swapped, count = _RELATION_WORDS.subn(lambda m: _RELATION_SWAP[m.group(1)], text)
+    return swapped if count else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading captions
 def _vocabulary() -> dict[str, tuple[str, str | None]]:

@@ -73,6 +73,9 @@ class TrainConfig:
 
     # text (contrastive)
     init_temperature: float = 0.07
+    # Also score each image against its caption with the relation turned round (a false caption
+    # only the relation tells apart): random batches almost never hold such a pair.
+    hard_negatives: bool = False
 
     # tokenizer
     vocab_size: int = 1024
@@ -106,6 +109,8 @@ class TrainConfig:
         if self.stage == "tokenizer" and self.vocab_size < 514:
             raise ValueError(f"vocab_size must be >= 514 (256 bytes, 256 word-final bytes, BOS, EOS), "
                              f"got {self.vocab_size}")  # fmt: skip
+        if self.hard_negatives and self.stage != "text":
+            raise ValueError(f"hard_negatives is for the text stage, not {self.stage!r}")
         if self.train_text_encoder and self.stage not in ("unet", "finetune"):
             raise ValueError(f"train_text_encoder is for the unet and finetune stages, not {self.stage!r}")
         if self.resolution % 8:

@@ -9,7 +9,10 @@ The text embedding is the final-layer-norm hidden state at the first EOS token, 
 
 One departure: pairs in a batch with identical captions are masked out of each other's softmax
 (neither positive nor negative). On shapes, short captions such as "a red circle" repeat often,
-and CLIP's loss would push apart an image and a caption that is true of it.
+and CLIP's loss would push apart an image and a caption that is true of it. With
+``hard_negatives``, each image is also scored against its own caption with the relation turned
+round (``inverse_relation_caption``), an extra column of the image -> text softmax (NegCLIP,
+Yuksekgonul et al. 2023): a bag of words cannot tell the two apart.
 
 Only the text tower is exported (the U-Net cross-attends to its full sequence of hidden states,
 as SD does with CLIP's); the image tower exists to train it.
@@ -33,7 +36,7 @@ from torch.utils.data import Dataset
 from stablediff.image import image_to_tensor
 from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
 from stablediff.tokenizer import CLIPTokenizer
-from stablediff.train.captions import parse_caption
+from stablediff.train.captions import inverse_relation_caption, parse_caption
 from stablediff.train.config import TrainConfig
 from stablediff.train.distributed import gather_batch
 from stablediff.train.shapes import Scene, ShapesDataset
@@ -109,8 +112,10 @@ class ContrastiveModel(nn.ModuleDict):
     """{"text", "image", "text_proj", "logit_scale"}; `forward(images, ids, eos_id)` ->
     (image embeddings [B, E], text embeddings [B, E], both unit length; logit scale, scalar)."""
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, eos_id: int):
-        return self.embed_images(images), self.embed_texts(ids, eos_id), self["logit_scale"]()
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, eos_id: int, negative_ids: torch.Tensor | None = None):
+        """With `negative_ids`, also their text embeddings, last (inside forward, so DDP sees them)."""
+        out = (self.embed_images(images), self.embed_texts(ids, eos_id), self["logit_scale"]())
+        return out if negative_ids is None else (*out, self.embed_texts(negative_ids, eos_id))
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self["image"](images).float(), dim=-1)
@@ -124,16 +129,28 @@ class ContrastiveModel(nn.ModuleDict):
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
-                     ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     ids: torch.Tensor | None = None, negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Symmetric InfoNCE: (loss, logits [B, B], images in rows). With `ids`, pairs whose token ids
-    are identical are masked out of each other's softmax (see the module docstring)."""
+    are identical are masked out of each other's softmax (see the module docstring). `negatives`:
+    (embeddings [B, E] of false captions, their token ids [B, L]), extra columns of the image ->
+    text softmax; a row of ids that equals a caption of the batch is masked for that caption's
+    image, and rows without a false caption are passed as all-zero ids (masked everywhere)."""
     logits = scale * image_emb @ text_emb.T
     if ids is not None:
         same = (ids[:, None, :] == ids[None, :, :]).all(-1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)), logits
+    image_to_text = logits
+    if negatives is not None:
+        negative_emb, negative_ids = negatives
+        extra = scale * image_emb @ negative_emb.T
+        unusable = (negative_ids == 0).all(-1)[None, :]
+        if ids is not None:
+            unusable = unusable | (ids[:, None, :] == negative_ids[None, :, :]).all(-1)
+        image_to_text = torch.cat([logits, extra.masked_fill(unusable, float("-inf"))], dim=1)
+    return 0.5 * (F.cross_entropy(image_to_text, target) + F.cross_entropy(logits.T, target)), logits
 
 
 def text_size(name: str) -> TextSize:
@@ -170,19 +187,28 @@ class TextStage(Stage):
     def dataset(self) -> Dataset:
         return self._train
 
-    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image, caption) items -> (images [B, 3, S, S], token ids [B, 77] int64)."""
+    def collate(self, items: list) -> tuple[torch.Tensor, ...]:
+        """(image, caption) items -> (images [B, 3, S, S], token ids [B, 77] int64), and with
+        `hard_negatives` the ids of the inverse-relation captions (all zeros where there is none)."""
         images = torch.stack([image for image, _ in items])
-        return images, torch.tensor(self.tokenizer([text for _, text in items]), dtype=torch.long)
+        texts = [text for _, text in items]
+        ids = torch.tensor(self.tokenizer(texts), dtype=torch.long)
+        if not self.config.hard_negatives:
+            return images, ids
+        negatives = [inverse_relation_caption(text) for text in texts]
+        negative_ids = torch.tensor(self.tokenizer([n or "" for n in negatives]), dtype=torch.long)
+        negative_ids[[n is None for n in negatives]] = 0
+        return images, ids, negative_ids
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
              generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        images, ids = (t.to(self.device, non_blocking=True) for t in batch)
-        image_emb, text_emb, scale = model(images, ids, self.tokenizer.eos_id)
+        images, ids, *negative_ids = (t.to(self.device, non_blocking=True) for t in batch)
+        image_emb, text_emb, scale, *negative_emb = model(images, ids, self.tokenizer.eos_id, *negative_ids)
         # Under torchrun every process scores its pairs against the whole global batch (CLIP's
         # negatives), so N processes train as one process with N times the batch.
         image_emb, text_emb, ids = gather_batch(image_emb), gather_batch(text_emb), gather_batch(ids)
-        loss, logits = contrastive_loss(image_emb, text_emb, scale, ids)
+        negatives = (gather_batch(negative_emb[0]), gather_batch(negative_ids[0])) if negative_ids else None
+        loss, logits = contrastive_loss(image_emb, text_emb, scale, ids, negatives)
         target = torch.arange(len(ids), device=ids.device)
         accuracy = (logits.argmax(1) == target).float().mean().item()
         return loss, {"loss": loss.item(), "batch_i2t": accuracy, "temperature": 1.0 / scale.item()}
@@ -207,21 +233,27 @@ class TextStage(Stage):
         return self._eval
 
     @torch.no_grad()
-    def _similarities(self, model: nn.Module) -> tuple[torch.Tensor, list[str], list[Scene] | None]:
+    def _embeddings(self, model: nn.Module, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(held-out image embeddings [N, E], embeddings of `texts` [M, E]), on the CPU."""
         net = unwrap(model)
-        images, texts, scenes = self._eval_set()
+        images, _, _ = self._eval_set()
         was_training = net.training
         net.eval()
         try:
-            image_emb, text_emb = [], []
             bs = self.config.batch_size
+            image_emb = [net.embed_images(images[i:i + bs].to(self.device)) for i in range(0, len(images), bs)]
+            text_emb = []
             for i in range(0, len(texts), bs):
-                image_emb.append(net.embed_images(images[i:i + bs].to(self.device)))
                 ids = torch.tensor(self.tokenizer(texts[i:i + bs]), dtype=torch.long, device=self.device)
                 text_emb.append(net.embed_texts(ids, self.tokenizer.eos_id))
         finally:
             net.train(was_training)
-        return (torch.cat(image_emb) @ torch.cat(text_emb).T).cpu(), texts, scenes
+        return torch.cat(image_emb).cpu(), torch.cat(text_emb).cpu()
+
+    def _similarities(self, model: nn.Module) -> tuple[torch.Tensor, list[str], list[Scene] | None]:
+        _, texts, scenes = self._eval_set()
+        image_emb, text_emb = self._embeddings(model, texts)
+        return image_emb @ text_emb.T, texts, scenes
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Top-1 retrieval accuracy on the held-out pairs, both ways, in [0, 1].
@@ -231,7 +263,9 @@ class TextStage(Stage):
         image's caption equals it. Text equality, not index equality: two held-out items may share
         a caption (different shapes scenes can be described alike), and retrieving either one is
         right. On shapes, "*_true" also counts a hit whenever the caption is TRUE of the scene
-        (`parse_caption(...).matches(scene)`), the semantic measure.
+        (`parse_caption(...).matches(scene)`), the semantic measure, and "relation_i2t" is the
+        share of two-object images more similar to their caption than to the same caption with the
+        relation turned round (0.5: the relation is not seen).
         """
         if self.config.eval_size < 1:
             return {}
@@ -244,6 +278,12 @@ class TextStage(Stage):
             specs = [parse_caption(t) for t in texts]
             out["retrieval_i2t_true"] = sum(specs[j].matches(scenes[i]) for i, j in enumerate(i2t)) / n
             out["retrieval_t2i_true"] = sum(specs[i].matches(scenes[j]) for i, j in enumerate(t2i)) / n
+            inverse = {i: inverse_relation_caption(t) for i, t in enumerate(texts)}
+            rows = [i for i, t in inverse.items() if t is not None]
+            if rows:  # does each image prefer its caption to the one with the relation turned round?
+                image_emb, inverse_emb = self._embeddings(model, [inverse[i] for i in rows])
+                wrong = (image_emb[rows] * inverse_emb).sum(1)
+                out["relation_i2t"] = (sims[rows, rows] > wrong).float().mean().item()
         return out
 
     def sample(self, model: nn.Module, path: Path) -> None:
