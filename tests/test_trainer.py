@@ -454,3 +454,17 @@ def test_torchrun_unet_stage_draws_the_noise_of_one_process(tmp_path):
     """The U-Net stage's posterior samples, timesteps and noise come from the global batch's draw
     (distributed.rank_rows): two processes of 2 train as one process of 4 (5e-3 apart without it)."""
     assert _two_processes_vs_one(tmp_path, "unet", 2) <= 1e-4
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_torchrun_text_stage_with_hard_negatives_and_unet_with_its_text_encoder(tmp_path):
+    """The false captions travel with the global batch too, and DDP wraps a U-Net trained together
+    with its text encoder: two processes still train as one."""
+    from stablediff.train.stages.tokenizer import TokenizerStage
+
+    TokenizerStage(TrainConfig(stage="tokenizer", data="shapes", shapes_size=300, vocab_size=600)).fit(tmp_path / "tok")
+    for name in ("text", "unet"):
+        (tmp_path / name).mkdir()
+    assert _two_processes_vs_one(tmp_path / "text", "text", 4, tokenizer=str(tmp_path / "tok"),
+                                 hard_negatives=True) <= 1e-4  # fmt: skip
+    assert _two_processes_vs_one(tmp_path / "unet", "unet", 2, train_text_encoder=True) <= 1e-4
