@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,3 +24,25 @@ def test_relation_probe_prints_text_similarity_a_row_per_timestep_and_the_suite(
         assert all(float(v) > 0 for v in row[2:5])
     assert float(rows[0][2]) > float(rows[-1][2])
     assert lines[-1].startswith("relation suite, first 2 prompts: color ") and "all_correct" in lines[-1]
+
+
+def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
+    """The bundled model's text encoder written as a text stage export: the same similarities."""
+    from stablediff import load_pipeline
+    from stablediff.train.stages.text import CONFIG_KEY, TEXT_FILE
+    from stablediff.train.stages.tokenizer import TOKENIZER_DIR
+    from stablediff.weights.io import write_safetensors
+
+    pipe = load_pipeline()
+    write_safetensors(pipe.text_encoder.state_dict(), tmp_path / TEXT_FILE,
+                      {CONFIG_KEY: json.dumps(pipe.text_encoder.config.to_dict())})  # fmt: skip
+    pipe.tokenizer.save(tmp_path / TOKENIZER_DIR)
+    outputs = []
+    for extra in ([], ["--text", str(tmp_path)]):
+        command = [sys.executable, str(TOOLS / "relation_probe.py"), "--n", "4", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append([line for line in done.stdout.splitlines() if "cosine" in line])
+    assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+    assert "x0 error" not in done.stdout  # a text export alone has no U-Net to probe

@@ -1,6 +1,7 @@
 """Does a model condition on the relation of two objects? Measured on its denoising loss, no sampling.
 
     .venv/bin/python tools/relation_probe.py [--model FILE] [--checkpoint DIR] [--n 128] [--seed 1234] [--suite 0]
+    .venv/bin/python tools/relation_probe.py --text RUN/export      # a text stage's export: its states only
 
 Renders `n` fresh two-object scenes, encodes them with the model's VAE (posterior mean) and, at
 fixed timesteps and noise, measures the U-Net's x0 error (mean squared, from its eps prediction)
@@ -32,6 +33,7 @@ from stablediff.eval import evaluate
 from stablediff.image import image_to_tensor
 from stablediff.train.captions import ObjectSpec, SceneSpec, canonical_caption
 from stablediff.train.shapes import INVERSE_RELATION, render, sample_scene
+from stablediff.train.stages.text import load_text_export
 from stablediff.weights.io import read_state_dict
 
 TIMESTEPS = (950, 850, 750, 600, 400, 200)
@@ -66,8 +68,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--suite", type=int, default=0, help="relation-suite prompts to generate and judge")
+    parser.add_argument("--text", default=None, help="a text stage export folder: measure its states only")
     args = parser.parse_args()
     pipe = load(args.model, args.checkpoint)
+    if args.text:  # its U-Net partner does not exist yet: the text states are all there is to probe
+        pipe.text_encoder, pipe.tokenizer = load_text_export(args.text)
     rng = random.Random(args.seed)
     scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(args.n)]
     images = torch.cat([image_to_tensor(render(s, 64, random.Random(rng.randrange(2**32)))) for s in scenes])
@@ -84,6 +89,8 @@ def main() -> None:
     for name, at in (("second object's shape word", eos - 5), ("end of text", eos)):
         cos = F.cosine_similarity(context["true"][rows, at], context["inverse"][rows, at], dim=-1)
         print(f"text states at the {name}: cosine true vs inverse relation {cos.mean():.4f}")
+    if args.text:
+        return
 
     alphas = pipe.noise_schedule().alphas_cumprod.float()
     generator = torch.Generator().manual_seed(args.seed)
