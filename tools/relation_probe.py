@@ -76,8 +76,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(args.n)]
     images = torch.cat([image_to_tensor(render(s, 64, random.Random(rng.randrange(2**32)))) for s in scenes])
-    x0 = pipe.vae.encode(images).mean
-    texts = {kind: [captions(s)[kind] for s in scenes] for kind in ("true", "inverse", "cell")}
+    per_scene = [captions(s) for s in scenes]
+    texts = {kind: [c[kind] for c in per_scene] for kind in ("true", "inverse", "cell")}
     ids = {kind: torch.tensor(pipe.tokenizer(t), dtype=torch.long) for kind, t in texts.items()}
     context = {kind: pipe.text_encoder(i) for kind, i in ids.items()}
     print(f"e.g. {texts['true'][0]!r} / {texts['inverse'][0]!r}")
@@ -92,6 +92,7 @@ def main() -> None:
     if args.text:
         return
 
+    x0 = pipe.vae.encode(images).mean
     alphas = pipe.noise_schedule().alphas_cumprod.float()
     generator = torch.Generator().manual_seed(args.seed)
     print("t    SNR     x0 error: true   inverse  cell    inverse worse in")
