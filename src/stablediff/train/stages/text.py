@@ -269,20 +269,22 @@ class TextStage(Stage):
         """
         if self.config.eval_size < 1:
             return {}
-        sims, texts, scenes = self._similarities(model)
-        i2t, t2i = sims.argmax(1).tolist(), sims.argmax(0).tolist()
+        _, texts, scenes = self._eval_set()
         n = len(texts)
+        # Shapes only: each two-object caption with its relation turned round, embedded in the same pass.
+        inverse = {} if scenes is None else {i: t for i, c in enumerate(texts) if (t := inverse_relation_caption(c))}
+        image_emb, text_emb = self._embeddings(model, texts + list(inverse.values()))
+        sims = image_emb @ text_emb[:n].T
+        i2t, t2i = sims.argmax(1).tolist(), sims.argmax(0).tolist()
         out = {"retrieval_i2t": sum(texts[j] == texts[i] for i, j in enumerate(i2t)) / n,
                "retrieval_t2i": sum(texts[j] == texts[i] for i, j in enumerate(t2i)) / n}
         if scenes is not None:
             specs = [parse_caption(t) for t in texts]
             out["retrieval_i2t_true"] = sum(specs[j].matches(scenes[i]) for i, j in enumerate(i2t)) / n
             out["retrieval_t2i_true"] = sum(specs[i].matches(scenes[j]) for i, j in enumerate(t2i)) / n
-            inverse = {i: inverse_relation_caption(t) for i, t in enumerate(texts)}
-            rows = [i for i, t in inverse.items() if t is not None]
+            rows = list(inverse)
             if rows:  # does each image prefer its caption to the one with the relation turned round?
-                image_emb, inverse_emb = self._embeddings(model, [inverse[i] for i in rows])
-                wrong = (image_emb[rows] * inverse_emb).sum(1)
+                wrong = (image_emb[rows] * text_emb[n:]).sum(1)
                 out["relation_i2t"] = (sims[rows, rows] > wrong).float().mean().item()
         return out
 
