@@ -9,6 +9,7 @@ import torch
 
 from stablediff import GenerationParams, load_pipeline
 from stablediff.train.recipe import (
+    _training_seconds,
     evaluate_packaged,
     final_export,
     package_model,
@@ -55,6 +56,24 @@ def test_gpu_recipe_inherits_the_cpu_recipe():
     assert gpu["eval"] == cpu["eval"] and gpu["common"]["num_workers"] == 6 and gpu["name"] == "shapes-gpu"
     assert gpu["vae"]["recon_focus"] == cpu["vae"]["recon_focus"]
     assert "base recipe 'shapes'" in text and 'base = "shapes"' in text
+
+
+def test_a_gpu_recipe_finetune_phase_inherits_the_unet_phase(tmp_path):
+    gpu, _ = read_recipe("shapes-gpu")
+    config = stage_config(gpu, "finetune", tmp_path)
+    assert config.train_text_encoder and (config.steps, config.batch_size, config.lr) == (3600, 64, 2e-4)
+    assert config.min_snr_gamma == gpu["unet"]["min_snr_gamma"] and config.ema_decay == gpu["unet"]["ema_decay"]
+    assert config.base == str(tmp_path / "unet" / "export" / "model.safetensors")
+
+
+def test_training_time_leaves_out_the_pause_of_a_resumed_run(tmp_path):
+    # 2 s per 10 steps, the first log line at step 10; stopped after step 30, resumed an hour later.
+    rows = [{"step": s, "time": 1000.0 + 0.2 * s} for s in (10, 20, 30)]
+    rows += [{"step": s, "time": 4600.0 + 0.2 * s} for s in (40, 50)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _training_seconds(tmp_path) == pytest.approx(10.0)  # 50 steps at 0.2 s
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert _training_seconds(tmp_path) is None  # one line: no rate
 
 
 def test_base_is_looked_up_next_to_the_file_first(tmp_path):

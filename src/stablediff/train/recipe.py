@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 import tomllib
 from collections.abc import Callable
@@ -152,16 +153,21 @@ def final_export(stages: dict) -> str:
 
 def _training_seconds(run: Path) -> float | None:
     """Wall time a stage's training took, from its metrics log (also when this process resumed or
-    skipped it): the logged span, extrapolated to the steps before the first log line."""
+    skipped it): the time between consecutive log lines, extrapolated to the steps before the first
+    one. An interval slower than 10x the median step is a pause (a run stopped and resumed later)
+    and counts at the median rate."""
     log = run / "metrics.jsonl"
     if not log.is_file():
         return None
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "time" in r and "step" in r]
-    if len(rows) < 2 or rows[-1]["step"] == rows[0]["step"]:
+    spans = [(b["time"] - a["time"], b["step"] - a["step"]) for a, b in zip(rows, rows[1:], strict=False)]
+    spans = [(dt, ds) for dt, ds in spans if ds > 0]
+    if not spans:
         return None
-    first, last = rows[0], rows[-1]
-    return (last["time"] - first["time"]) * last["step"] / (last["step"] - first["step"])
+    median = statistics.median(dt / ds for dt, ds in spans)
+    seconds = sum(dt if dt <= 10 * median * ds else median * ds for dt, ds in spans)
+    return seconds * rows[-1]["step"] / sum(ds for _, ds in spans)
 
 
 def _existing_export(run: Path) -> Path | None:
