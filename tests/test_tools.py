@@ -21,7 +21,7 @@ def test_relation_probe_prints_text_similarity_a_row_per_timestep_and_the_suite(
     rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == [950, 850, 750, 600, 400, 200]
     for row in rows:  # x0 errors are positive and shrink with the noise
-        assert all(float(v) > 0 for v in row[2:5])
+        assert all(float(v) > 0 for v in row[2:6])
     assert float(rows[0][2]) > float(rows[-1][2])
     assert lines[-1].startswith("relation suite, first 2 prompts: color ") and "all_correct" in lines[-1]
 

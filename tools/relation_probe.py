@@ -53,11 +53,15 @@ def load(model: str | None, checkpoint: str | None):
 
 
 def captions(scene) -> dict[str, str]:
-    plain = tuple(ObjectSpec(o.shape, o.color) for o in scene.objects)
-    placed = tuple(ObjectSpec(o.shape, o.color, None, o.cell) for o in scene.objects)
-    return {"true": canonical_caption(SceneSpec(scene.background, plain, scene.relation)),
-            "inverse": canonical_caption(SceneSpec(scene.background, plain, INVERSE_RELATION[scene.relation])),
-            "cell": canonical_caption(SceneSpec(scene.background, placed, scene.relation))}  # fmt: skip
+    a, b = scene.objects
+    relation, inverse = scene.relation, INVERSE_RELATION[scene.relation]
+    specs = {
+        "true": ((ObjectSpec(a.shape, a.color), ObjectSpec(b.shape, b.color)), relation),
+        "inverse": ((ObjectSpec(a.shape, a.color), ObjectSpec(b.shape, b.color)), inverse),
+        "cell": ((ObjectSpec(a.shape, a.color, None, a.cell), ObjectSpec(b.shape, b.color, None, b.cell)), relation),
+        "swapped": ((ObjectSpec(a.shape, a.color, None, b.cell), ObjectSpec(b.shape, b.color, None, a.cell)), inverse),
+    }
+    return {kind: canonical_caption(SceneSpec(scene.background, objs, rel)) for kind, (objs, rel) in specs.items()}
 
 
 @torch.no_grad()
@@ -77,7 +81,7 @@ def main() -> None:
     scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(args.n)]
     images = torch.cat([image_to_tensor(render(s, 64, random.Random(rng.randrange(2**32)))) for s in scenes])
     per_scene = [captions(s) for s in scenes]
-    texts = {kind: [c[kind] for c in per_scene] for kind in ("true", "inverse", "cell")}
+    texts = {kind: [c[kind] for c in per_scene] for kind in ("true", "inverse", "cell", "swapped")}
     ids = {kind: torch.tensor(pipe.tokenizer(t), dtype=torch.long) for kind, t in texts.items()}
     context = {kind: pipe.text_encoder(i) for kind, i in ids.items()}
     print(f"e.g. {texts['true'][0]!r} / {texts['inverse'][0]!r}")
@@ -95,7 +99,7 @@ def main() -> None:
     x0 = pipe.vae.encode(images).mean
     alphas = pipe.noise_schedule().alphas_cumprod.float()
     generator = torch.Generator().manual_seed(args.seed)
-    print("t    SNR     x0 error: true   inverse  cell    inverse worse in")
+    print("t    SNR     x0 error: true   inverse  cell    swapped  worse than true / cell: inverse  swapped")
     for t in TIMESTEPS:
         a = alphas[t]
         noise = torch.randn(x0.shape, generator=generator)
@@ -104,9 +108,11 @@ def main() -> None:
         for kind, c in context.items():
             eps = pipe.unet(x_t, torch.full((args.n,), float(t)), c)
             errors[kind] = ((x_t - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).flatten(1).mean(1)
-        worse = (errors["inverse"] > errors["true"]).float().mean() * 100
+        inverse_worse = (errors["inverse"] > errors["true"]).float().mean() * 100
+        swapped_worse = (errors["swapped"] > errors["cell"]).float().mean() * 100
         print(f"{t:<4} {float(a / (1 - a)):<7.3f} {errors['true'].mean():>15.4f} {errors['inverse'].mean():>8.4f} "
-              f"{errors['cell'].mean():>7.4f}  {worse:.0f}% of scenes")
+              f"{errors['cell'].mean():>7.4f} {errors['swapped'].mean():>8.4f}  {inverse_worse:>30.0f}% "
+              f"{swapped_worse:>7.0f}%")
     if args.suite:
         judge_suite(pipe, args.suite)
 
