@@ -18,7 +18,7 @@ def test_bundled_model_is_small_and_describes_itself():
     meta = read_metadata(path)
     assert {"stablediff.spec", "stablediff.tokenizer", "stablediff.recipe", "stablediff.stages",
             "stablediff.steps", "stablediff.data_seed", "stablediff.eval"} <= set(meta)  # fmt: skip
-    assert json.loads(meta["stablediff.steps"]) == {"vae": 2600, "text": 1100, "unet": 2700}
+    assert json.loads(meta["stablediff.steps"]) == {"vae": 2600, "text": 1100, "unet": 2700, "finetune": 3600}
     assert 'name = "shapes-gpu"' in meta["stablediff.recipe"]
     evaluation = json.loads(meta["stablediff.eval"])
     assert evaluation["judge"]["clean"]["overall"] >= 0.99 and set(evaluation["suites"]) == {"single", "heldout",
@@ -27,7 +27,7 @@ def test_bundled_model_is_small_and_describes_itself():
 
 def test_default_model_generates_what_the_prompt_asks():
     """Prompt 0 of the evaluation's single-object suite, with its seed and settings, which the
-    model gets entirely right (docs/eval/eval.md: 181 of 200 prompts are). A regression test of the
+    model gets entirely right (docs/eval/eval.md: 185 of 200 prompts are). A regression test of the
     whole chain — weights and vocabulary from the package, pipeline, VAE, judge."""
     pipe = load_pipeline()
     assert pipe.spec.default_size == 64 and pipe.tokenizer.vocab_size == 667
