@@ -134,6 +134,19 @@ def test_every_template_parses_and_is_true():
     assert seen == set(cap._VOCAB)  # every phrase of the language occurs and parses
 
 
+def test_pair_cell_rate_sets_how_often_two_objects_cells_are_named():
+    scenes = _scenes(400, seed=6)
+    pairs = [s for s in scenes if len(s.objects) == 2]
+    for rate, expected in ((0.0, 0.0), (1.0, 1.0)):
+        rng = random.Random(6)
+        named = [o.cell is not None for s in pairs for o in parse_caption(caption(s, rng, rate)).objects]
+        assert sum(named) / len(named) == expected
+    singles = [s for s in scenes if len(s.objects) == 1]
+    assert any(parse_caption(caption(s, random.Random(i), 0.0)).objects[0].cell for i, s in enumerate(singles))
+    with pytest.raises(ValueError, match="pair_cell_rate"):
+        caption(pairs[0], random.Random(0), 1.5)
+
+
 def test_parse_caption_rejects_what_it_cannot_read():
     assert parse_caption("A Red Circle.") == SceneSpec(None, (ObjectSpec("circle", "red"),))
     for bad, why in [("a circle", "no colour"), ("a red dog", "unknown words"), ("a red", "no shape"),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
@@ -17,7 +19,7 @@ def test_relation_probe_prints_text_similarity_a_row_per_timestep_and_the_suite(
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert sum("cosine true vs inverse relation" in line for line in lines) == 2
+    assert sum("cosine true vs inverse relation" in line for line in lines) == 4
     rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == [950, 850, 750, 600, 400, 200]
     for row in rows:  # x0 errors are positive and shrink with the noise
@@ -44,5 +46,26 @@ def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append([line for line in done.stdout.splitlines() if "cosine" in line])
-    assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+    assert len(outputs[0]) == 4 and outputs[0] == outputs[1]
     assert "x0 error" not in done.stdout  # a text export alone has no U-Net to probe
+
+
+def test_pair_cache_writes_two_object_scenes_after_an_existing_cache(tmp_path):
+    from stablediff.train.captions import parse_caption
+    from stablediff.weights.io import read_metadata, read_state_dict
+
+    def run(*args):
+        command = [sys.executable, str(TOOLS / "pair_cache.py"), *args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    first_file, both_file = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    run("--out", first_file, "--n", "3", "--cell-rate", "1")
+    run("--out", both_file, "--n", "2", "--seed", "5", "--append", first_file)
+    first, both = read_state_dict(first_file), read_state_dict(both_file)
+    assert both["mean"].shape == (5, 4, 16, 16) and torch.equal(both["mean"][:3], first["mean"])
+    captions = json.loads(read_metadata(both_file)["captions"])
+    specs = [parse_caption(text) for text in captions]
+    assert len(specs) == 5 and all(len(s.objects) == 2 for s in specs)
+    assert all(o.cell is not None for s in specs[:3] for o in s.objects)  # cell rate 1: every cell named

@@ -10,8 +10,8 @@ of a blue square on a white background"), with the INVERSE relation, and with ea
 as well. A model that uses the relation has a lower error with the true one at the noisy timesteps
 where the layout is decided; CELL shows how much knowing where the objects are is worth there.
 Also prints how far the text encoder's states move when only the relation word changes (cosine
-similarity of the true and inverse captions' states at the second object's shape word, which
-follows the relation, and at the end-of-text token).
+similarity of the true and inverse captions' states at the relation word, the word after it, the
+second object's shape word and the end-of-text token).
 
 `--suite N`: also generate the first N prompts of the relation suite (DPM++ 2M, Karras, 20 steps,
 guidance 7.5, as `stablediff eval`) and print the judge's accuracies in %.
@@ -88,9 +88,12 @@ def main() -> None:
 
     eos = (ids["true"] == pipe.tokenizer.eos_id).int().argmax(1)
     rows = torch.arange(args.n)
+    relation_word = (ids["true"] != ids["inverse"]).int().argmax(1)  # the first token that differs
     # Canonical captions end "... SHAPE on a COLOUR background": the second object's shape word is
     # 5 tokens before the end of text (every word of the language is one token).
-    for name, at in (("second object's shape word", eos - 5), ("end of text", eos)):
+    places = {"relation word": relation_word, "word after it": relation_word + 1,
+              "second object's shape word": eos - 5, "end of text": eos}  # fmt: skip
+    for name, at in places.items():
         cos = F.cosine_similarity(context["true"][rows, at], context["inverse"][rows, at], dim=-1)
         print(f"text states at the {name}: cosine true vs inverse relation {cos.mean():.4f}")
     if args.text:

@@ -180,15 +180,17 @@ def canonical_caption(scene: Scene | SceneSpec) -> str:
     return " ".join(phrases)
 
 
-def caption(scene: Scene, rng: Rng) -> str:
+def caption(scene: Scene, rng: Rng, pair_cell_rate: float = 0.25) -> str:
     """A random TRUE caption of ``scene``: synonyms, either object order (with the inverse
-    relation), and size (kept 70%), cell (60% for one object, 25% each for two) and background
-    (50%) sometimes left out. ``rng``: ``random.Random`` or numpy ``Generator``."""
+    relation), and size (kept 70%), cell (60% for one object, ``pair_cell_rate`` each for two) and
+    background (50%) sometimes left out. ``rng``: ``random.Random`` or numpy ``Generator``."""
+    if not 0.0 <= pair_cell_rate <= 1.0:
+        raise ValueError(f"pair_cell_rate must be in [0, 1], got {pair_cell_rate!r}")
     objects, relation = list(scene.objects), scene.relation
     if len(objects) == 2 and _uniform(rng, 0, 1) < 0.5:
         objects.reverse()
         relation = INVERSE_RELATION[relation]  # type: ignore[index]
-    p_cell = 0.6 if len(objects) == 1 else 0.25
+    p_cell = 0.6 if len(objects) == 1 else pair_cell_rate
     cells = [_uniform(rng, 0, 1) < p_cell for _ in objects]
     phrases = [_object_phrase(o, rng, _uniform(rng, 0, 1) < 0.7, c) for o, c in zip(objects, cells, strict=True)]
     if relation is not None:
