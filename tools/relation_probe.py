@@ -81,7 +81,7 @@ def main() -> None:
     scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(args.n)]
     images = torch.cat([image_to_tensor(render(s, 64, random.Random(rng.randrange(2**32)))) for s in scenes])
     per_scene = [captions(s) for s in scenes]
-    texts = {kind: [c[kind] for c in per_scene] for kind in ("true", "inverse", "cell", "swapped")}
+    texts = {kind: [c[kind] for c in per_scene] for kind in per_scene[0]}
     ids = {kind: torch.tensor(pipe.tokenizer(t), dtype=torch.long) for kind, t in texts.items()}
     context = {kind: pipe.text_encoder(i) for kind, i in ids.items()}
     print(f"e.g. {texts['true'][0]!r} / {texts['inverse'][0]!r}")

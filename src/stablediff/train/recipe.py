@@ -17,6 +17,7 @@ stage's configuration and step count, the data seed and the evaluation results i
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import statistics
@@ -161,7 +162,7 @@ def _training_seconds(run: Path) -> float | None:
         return None
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "time" in r and "step" in r]
-    spans = [(b["time"] - a["time"], b["step"] - a["step"]) for a, b in zip(rows, rows[1:], strict=False)]
+    spans = [(b["time"] - a["time"], b["step"] - a["step"]) for a, b in itertools.pairwise(rows)]
     spans = [(dt, ds) for dt, ds in spans if ds > 0]
     if not spans:
         return None
