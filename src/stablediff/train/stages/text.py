@@ -250,11 +250,6 @@ class TextStage(Stage):
             net.train(was_training)
         return torch.cat(image_emb).cpu(), torch.cat(text_emb).cpu()
 
-    def _similarities(self, model: nn.Module) -> tuple[torch.Tensor, list[str], list[Scene] | None]:
-        _, texts, scenes = self._eval_set()
-        image_emb, text_emb = self._embeddings(model, texts)
-        return image_emb @ text_emb.T, texts, scenes
-
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Top-1 retrieval accuracy on the held-out pairs, both ways, in [0, 1].
 
@@ -291,7 +286,8 @@ class TextStage(Stage):
     def sample(self, model: nn.Module, path: Path) -> None:
         """A PNG heat map of image->text softmax probabilities on up to 32 held-out pairs (row =
         image, column = caption; a bright diagonal is a trained model), 8 px per cell."""
-        sims, _, _ = self._similarities(model)
+        image_emb, text_emb = self._embeddings(model, self._eval_set()[1])
+        sims = image_emb @ text_emb.T
         k = min(32, len(sims))
         probs = (unwrap(model)["logit_scale"]().detach().cpu() * sims[:k, :k]).softmax(1)
         pixels = (probs / probs.max(1, keepdim=True).values * 255).round().to(torch.uint8)
