@@ -578,6 +578,14 @@ def test_min_snr_gamma_weights() -> None:
     assert min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "eps")[0] == pytest.approx(5.0 / float(snr[0]))
     with pytest.raises(ValueError, match="gamma"):
         min_snr_gamma_weights(t, ns.alphas_cumprod, 0.0, "eps")
+    # a floor lifts the noisiest timesteps' x0 weight (t = 999: SNR 0.005) and leaves the rest
+    floored = min_snr_gamma_weights(t, ns.alphas_cumprod, math.inf, "eps", floor=0.25)
+    torch.testing.assert_close(floored, snr.clamp(min=0.25) / snr)
+    assert floored[-1] == pytest.approx(0.25 / float(snr[-1])) and floored[-1] > 40 and floored[1] == 1.0
+    torch.testing.assert_close(min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "x0", floor=0.25),
+                               snr.clamp(0.25, 5.0))  # fmt: skip
+    with pytest.raises(ValueError, match=r"floor must be in \[0, gamma=5.0\], got 6.0"):
+        min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "eps", floor=6.0)
 
 
 def test_noise_from_one_generator_per_row():

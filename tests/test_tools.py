@@ -29,7 +29,8 @@ def test_relation_probe_prints_text_similarity_a_row_per_timestep_and_the_suite(
 
 
 def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
-    """The bundled model's text encoder written as a text stage export: the same similarities."""
+    """The bundled model's text encoder written as a text stage export: the same similarities and
+    linear probes."""
     from stablediff import load_pipeline
     from stablediff.train.stages.text import CONFIG_KEY, TEXT_FILE
     from stablediff.train.stages.tokenizer import TOKENIZER_DIR
@@ -41,13 +42,16 @@ def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
     pipe.tokenizer.save(tmp_path / TOKENIZER_DIR)
     outputs = []
     for extra in ([], ["--text", str(tmp_path)]):
-        command = [sys.executable, str(TOOLS / "relation_probe.py"), "--n", "4", *extra]
+        command = [sys.executable, str(TOOLS / "relation_probe.py"), "--n", "4", "--decode", "300", *extra]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
-        outputs.append([line for line in done.stdout.splitlines() if "cosine" in line])
-    assert len(outputs[0]) == 4 and outputs[0] == outputs[1]
+        outputs.append([line for line in done.stdout.splitlines() if "cosine" in line or "decodable" in line])
+    assert len(outputs[0]) == 7 and outputs[0] == outputs[1]
     assert "x0 error" not in done.stdout  # a text export alone has no U-Net to probe
+    # The second object's shape word follows its colour word: its colour is there (chance: 12.5%).
+    shape_word = next(line for line in outputs[0] if line.startswith("decodable from the second object's shape"))
+    assert float(shape_word.split("second object's colour ")[1]) > 50, shape_word
 
 
 def test_pair_cache_writes_two_object_scenes_after_an_existing_cache(tmp_path):

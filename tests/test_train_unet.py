@@ -15,7 +15,7 @@ from stablediff.loading import load_pipeline, save
 from stablediff.params import GenerationParams
 from stablediff.train.config import TrainConfig
 from stablediff.train.latents import encode_latent_cache
-from stablediff.train.stages.unet import TRAIN_CONFIG_KEY, FinetuneStage, UNetStage
+from stablediff.train.stages.unet import TRAIN_CONFIG_KEY, FinetuneStage, UNetStage, draw_timesteps
 from stablediff.train.stages.unet_parts import frozen_parts
 from stablediff.train.trainer import train
 from stablediff.weights.io import read_metadata, read_state_dict, write_safetensors
@@ -106,6 +106,22 @@ def test_resume_in_a_new_process_is_bitwise_exact(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name} {key}"
+
+
+def test_draw_timesteps_with_a_high_noise_share():
+    plain = draw_timesteps(4000, 1000, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(0)))
+    t = draw_timesteps(4000, 1000, torch.Generator().manual_seed(0), high_fraction=0.5, high_from=700)
+    assert 0 <= int(t.min()) and int(t.max()) < 1000
+    share = float((t >= 700).float().mean())  # half drawn from [700, 1000), the other half 30% there too
+    assert abs(share - 0.65) < 0.03, share
+    assert int(draw_timesteps(100, 1000, torch.Generator(), high_fraction=1.0, high_from=700).min()) >= 700
+    with pytest.raises(ValueError, match=r"high_noise_from must be in \[0, 1000\) for a 1000-step schedule, got 1000"):
+        draw_timesteps(4, 1000, torch.Generator(), high_fraction=0.5, high_from=1000)
+    with pytest.raises(ValueError, match=r"high_noise_fraction must be in \[0, 1\], got 1.5"):
+        TrainConfig(high_noise_fraction=1.5)
+    with pytest.raises(ValueError, match="snr_floor=6.0 must not exceed min_snr_gamma=5.0"):
+        TrainConfig(min_snr_gamma=5.0, snr_floor=6.0)
 
 
 def test_bad_data_is_a_clear_error_and_writes_nothing(tmp_path):

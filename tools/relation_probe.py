@@ -1,6 +1,7 @@
 """Does a model condition on the relation of two objects? Measured on its denoising loss, no sampling.
 
     .venv/bin/python tools/relation_probe.py [--model FILE] [--checkpoint DIR] [--n 128] [--seed 1234] [--suite 0]
+                                             [--decode 0]
     .venv/bin/python tools/relation_probe.py --text RUN/export      # a text stage's export: its states only
 
 Renders `n` fresh two-object scenes, encodes them with the model's VAE (posterior mean) and, at
@@ -12,6 +13,10 @@ where the layout is decided; CELL shows how much knowing where the objects are i
 Also prints how far the text encoder's states move when only the relation word changes (cosine
 similarity of the true and inverse captions' states at the relation word, the word after it, the
 second object's shape word and the end-of-text token).
+
+`--decode N`: also train linear probes on the text states of N captions naming both cells: how
+well the relation and each object's colour can be read from the second object's words (present,
+however faintly, for the U-Net's attention to pick up?).
 
 `--suite N`: also generate the first N prompts of the relation suite (DPM++ 2M, Karras, 20 steps,
 guidance 7.5, as `stablediff eval`) and print the judge's accuracies in %.
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from stablediff import GenerationParams, load_pipeline
 from stablediff.eval import evaluate
 from stablediff.image import image_to_tensor
-from stablediff.train.captions import ObjectSpec, SceneSpec, canonical_caption
+from stablediff.train.captions import CELL_PHRASES, ObjectSpec, SceneSpec, canonical_caption
 from stablediff.train.shapes import INVERSE_RELATION, render, sample_scene
 from stablediff.train.stages.text import load_text_export
 from stablediff.weights.io import read_state_dict
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--suite", type=int, default=0, help="relation-suite prompts to generate and judge")
     parser.add_argument("--text", default=None, help="a text stage export folder: measure its states only")
+    parser.add_argument("--decode", type=int, default=0, help="captions for the linear probes of the text states")
     args = parser.parse_args()
     pipe = load(args.model, args.checkpoint)
     if args.text:  # its U-Net partner does not exist yet: the text states are all there is to probe
@@ -96,6 +102,8 @@ def main() -> None:
     for name, at in places.items():
         cos = F.cosine_similarity(context["true"][rows, at], context["inverse"][rows, at], dim=-1)
         print(f"text states at the {name}: cosine true vs inverse relation {cos.mean():.4f}")
+    if args.decode:
+        decodability(pipe, args.decode, args.seed)
     if args.text:
         return
 
@@ -118,6 +126,49 @@ def main() -> None:
               f"{swapped_worse:>7.0f}%")
     if args.suite:
         judge_suite(pipe, args.suite)
+
+
+def decodability(pipe, n: int, seed: int) -> None:
+    """Is the relation (or the first object) in the second object's text states, however faintly?
+    A linear classifier of standardised states, trained on 80% of `n` canonical two-object captions
+    with both cells named and tested on the rest; accuracies in %."""
+    rng = random.Random(seed + 1)
+    scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(n)]
+    specs = [SceneSpec(s.background, tuple(ObjectSpec(o.shape, o.color, None, o.cell) for o in s.objects), s.relation)
+             for s in scenes]  # fmt: skip
+    texts = [canonical_caption(spec) for spec in specs]
+    ids = torch.tensor(pipe.tokenizer(texts), dtype=torch.long)
+    states = torch.cat([pipe.text_encoder(ids[i : i + 256]) for i in range(0, n, 256)])
+    eos = (ids == pipe.tokenizer.eos_id).int().argmax(1)
+    rows = torch.arange(n)
+    # "... SHAPE CELL-PHRASE on a COLOUR background": the last cell word is 5 tokens before the end
+    # of text; the second object's shape word is before its cell phrase.
+    cell_words = torch.tensor([len(CELL_PHRASES[s.objects[1].cell][0].split()) for s in scenes])
+    at = {"the second object's shape word": eos - 5 - cell_words, "its last cell word": eos - 5,
+          "the end of text": eos}  # fmt: skip
+    targets = {"relation": [s.relation for s in scenes], "first object's colour": [s.objects[0].color for s in scenes],
+               "second object's colour": [s.objects[1].color for s in scenes]}  # fmt: skip
+    for place, index in at.items():
+        found = {name: linear_probe(states[rows, index], labels) for name, labels in targets.items()}
+        print(f"decodable from {place}: " + ", ".join(f"{k} {v:.1f}" for k, v in found.items()))
+
+
+def linear_probe(features: torch.Tensor, labels: list[str]) -> float:
+    """Held-out accuracy (%) of a multinomial logistic regression on standardised `features`."""
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(label) for label in labels])
+    split = int(0.8 * len(y))
+    x = (features - features[:split].mean(0)) / (features[:split].std(0) + 1e-6)
+    weight = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(300):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x[:split] @ weight + bias, y[:split]) + 1e-3 * weight.pow(2).sum()
+            loss.backward()
+            optimizer.step()
+    return float(((x[split:] @ weight + bias).argmax(1) == y[split:]).float().mean()) * 100
 
 
 def judge_suite(pipe, n: int) -> None:

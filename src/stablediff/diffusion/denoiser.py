@@ -348,17 +348,22 @@ def snr(t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     return ac / (1 - ac)
 
 
-def min_snr_gamma_weights(t: Tensor, alphas_cumprod: Tensor, gamma: float, prediction_type: str) -> Tensor:
+def min_snr_gamma_weights(t: Tensor, alphas_cumprod: Tensor, gamma: float, prediction_type: str,
+                          floor: float = 0.0) -> Tensor:  # fmt: skip
     """Per-sample MSE weights of Min-SNR-gamma (Hang et al. 2023), float32 [B].
 
     ``min(SNR, gamma)`` turned into a weight for the network's own target: divided by SNR for eps,
     by SNR + 1 for v, unchanged for x0 (diffusers' training scripts). Zero-SNR timesteps (eps) get 1.
+    `floor` also bounds the x0 weight from below, ``clamp(SNR, floor, gamma)`` (``gamma = inf``:
+    the floor alone; Salimans & Ho's truncated SNR is floor 1).
     """
     kind = canonical_prediction_type(prediction_type)
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
+    if not 0 <= floor <= gamma:
+        raise ValueError(f"floor must be in [0, gamma={gamma}], got {floor}")
     s = snr(t, alphas_cumprod)
-    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    clipped = s.clamp(min=floor, max=gamma)
     if kind == "eps":
         weights = clipped / s
         return torch.where(s == 0, torch.ones_like(weights), weights)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,19 @@ UNET_SIZES: dict[str, UNetConfig] = {
                                num_heads=None, head_dim=24, context_dim=128, norm_groups=16),  # fmt: skip
 }
 SAMPLE_COUNT = 8  # a 4 x 2 grid
+
+
+def draw_timesteps(n: int, steps: int, generator: torch.Generator, high_fraction: float = 0.0,
+                   high_from: int = 0) -> torch.Tensor:  # fmt: skip
+    """`n` training timesteps [n] int64, uniform over [0, steps) except a `high_fraction` share of
+    them (each drawn independently) uniform over the noisiest [high_from, steps)."""
+    if not 0 <= high_from < steps:
+        raise ValueError(f"high_noise_from must be in [0, {steps}) for a {steps}-step schedule, got {high_from}")
+    t = torch.randint(0, steps, (n,), generator=generator)
+    if high_fraction > 0:
+        high = torch.randint(high_from, steps, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < high_fraction, high, t)
+    return t
 
 
 def unet_size(name: str) -> UNetConfig:
@@ -164,15 +178,17 @@ class UNetStage(Stage):
         target = training_target(self.config.prediction_type, latents, noise, t, self.alphas_cumprod)
         prediction = model(x_t, t.float(), condition)
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-        if self.config.min_snr_gamma > 0:
-            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, self.config.min_snr_gamma,
-                                                            self.config.prediction_type)  # fmt: skip
+        c = self.config
+        if c.min_snr_gamma > 0 or c.snr_floor > 0:
+            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, c.min_snr_gamma or math.inf,
+                                                            c.prediction_type, floor=c.snr_floor)  # fmt: skip
         return per_sample
 
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         latents, condition = self._latents_and_condition(batch, generator, global_batch=True)
-        b, steps = latents.shape[0], self.noise.config.num_train_timesteps
-        t = rank_rows(lambda n: torch.randint(0, steps, (n,), generator=generator), b)
+        b = latents.shape[0]
+        c, steps = self.config, self.noise.config.num_train_timesteps
+        t = rank_rows(lambda n: draw_timesteps(n, steps, generator, c.high_noise_fraction, c.high_noise_from), b)
         noise = rank_randn(generator, latents.shape)
         per_sample = self._loss(model, latents, condition, t, noise)
         return per_sample.mean(), {"latent_std": float(latents.std())}
@@ -262,4 +278,4 @@ class FinetuneStage(UNetStage):
 
 
 __all__ = ["MODEL_FILE", "TRAIN_CONFIG_KEY", "UNET_SIZES", "FinetuneStage", "TextConditionedUNet", "UNetStage",
-           "unet_size"]
+           "draw_timesteps", "unet_size"]
