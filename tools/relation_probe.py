@@ -134,9 +134,7 @@ def decodability(pipe, n: int, seed: int) -> None:
     with both cells named and tested on the rest; accuracies in %."""
     rng = random.Random(seed + 1)
     scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(n)]
-    specs = [SceneSpec(s.background, tuple(ObjectSpec(o.shape, o.color, None, o.cell) for o in s.objects), s.relation)
-             for s in scenes]  # fmt: skip
-    texts = [canonical_caption(spec) for spec in specs]
+    texts = [captions(s)["cell"] for s in scenes]
     ids = torch.tensor(pipe.tokenizer(texts), dtype=torch.long)
     states = torch.cat([pipe.text_encoder(ids[i : i + 256]) for i in range(0, n, 256)])
     eos = (ids == pipe.tokenizer.eos_id).int().argmax(1)
