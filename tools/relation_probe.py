@@ -12,7 +12,9 @@ as well. A model that uses the relation has a lower error with the true one at t
 where the layout is decided; CELL shows how much knowing where the objects are is worth there.
 Also prints how far the text encoder's states move when only the relation word changes (cosine
 similarity of the true and inverse captions' states at the relation word, the word after it, the
-second object's shape word and the end-of-text token).
+second object's shape word and the end-of-text token), and, with the true captions, the grounding
+loss of `stablediff.train.grounding` (1 - the share of each object word's cross-attention inside
+the object's box, squared; 0.85 when attention ignores where the objects are).
 
 `--decode N`: also train linear probes on the text states of N captions naming both cells: how
 well the relation and each object's colour can be read from the second object's words (present,
@@ -36,8 +38,9 @@ import torch.nn.functional as F
 from stablediff import GenerationParams, load_pipeline
 from stablediff.eval import evaluate
 from stablediff.image import image_to_tensor
-from stablediff.train.captions import CELL_PHRASES, ObjectSpec, SceneSpec, canonical_caption
-from stablediff.train.shapes import INVERSE_RELATION, render, sample_scene
+from stablediff.train.captions import CELL_PHRASES, ObjectSpec, SceneSpec, canonical_caption, caption_regions
+from stablediff.train.grounding import cross_attention_maps, grounding_loss, token_boxes
+from stablediff.train.shapes import INVERSE_RELATION, layout, render, sample_scene
 from stablediff.train.stages.text import load_text_export
 from stablediff.weights.io import read_state_dict
 
@@ -85,7 +88,9 @@ def main() -> None:
         pipe.text_encoder, pipe.tokenizer = load_text_export(args.text)
     rng = random.Random(args.seed)
     scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(args.n)]
-    images = torch.cat([image_to_tensor(render(s, 64, random.Random(rng.randrange(2**32)))) for s in scenes])
+    jitter_seeds = [rng.randrange(2**32) for _ in scenes]
+    pairs = list(zip(scenes, jitter_seeds, strict=True))
+    images = torch.cat([image_to_tensor(render(s, 64, random.Random(j))) for s, j in pairs])
     per_scene = [captions(s) for s in scenes]
     texts = {kind: [c[kind] for c in per_scene] for kind in per_scene[0]}
     ids = {kind: torch.tensor(pipe.tokenizer(t), dtype=torch.long) for kind, t in texts.items()}
@@ -110,20 +115,28 @@ def main() -> None:
     x0 = pipe.vae.encode(images).mean
     alphas = pipe.noise_schedule().alphas_cumprod.float()
     generator = torch.Generator().manual_seed(args.seed)
-    print("t    SNR     x0 error: true   inverse  cell    swapped  worse than true / cell: inverse  swapped")
+    regions = [caption_regions(c["true"], s, layout(s, 64, random.Random(j)), 64)
+               for c, (s, j) in zip(per_scene, pairs, strict=True)]  # fmt: skip
+    grounding = [token_boxes(pipe.tokenizer, c["true"], r) for c, r in zip(per_scene, regions, strict=True)]
+    boxes, grounded = torch.stack([b for b, _ in grounding]), torch.stack([g for _, g in grounding])
+    print("t    SNR     x0 error: true   inverse  cell    swapped  worse than true / cell: inverse  swapped"
+          "  grounding")
     for t in TIMESTEPS:
         a = alphas[t]
         noise = torch.randn(x0.shape, generator=generator)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         errors = {}
         for kind, c in context.items():
-            eps = pipe.unet(x_t, torch.full((args.n,), float(t)), c)
+            with cross_attention_maps(pipe.unet) as maps:
+                eps = pipe.unet(x_t, torch.full((args.n,), float(t)), c)
             errors[kind] = ((x_t - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).flatten(1).mean(1)
+            if kind == "true":
+                ground = grounding_loss(maps, boxes, grounded, tuple(x0.shape[-2:])).mean()
         inverse_worse = (errors["inverse"] > errors["true"]).float().mean() * 100
         swapped_worse = (errors["swapped"] > errors["cell"]).float().mean() * 100
         print(f"{t:<4} {float(a / (1 - a)):<7.3f} {errors['true'].mean():>15.4f} {errors['inverse'].mean():>8.4f} "
               f"{errors['cell'].mean():>7.4f} {errors['swapped'].mean():>8.4f}  {inverse_worse:>30.0f}% "
-              f"{swapped_worse:>7.0f}%")
+              f"{swapped_worse:>7.0f}% {ground:>10.3f}")
     if args.suite:
         judge_suite(pipe, args.suite)
 

@@ -85,6 +85,20 @@ def attention(
     return out.transpose(1, 2).reshape(b, lq, inner).to(dtype)
 
 
+def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        heads: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`attention` computed explicitly in float32, also returning the attention maps averaged over
+    heads, [B, Lq, Lk] (each row a softmax over the keys): what grounding losses and attention
+    visualisations read. Differentiable; no fused kernel, so for short key sequences only."""
+    dtype = q.dtype
+    b, lq, inner = q.shape
+    d = inner // heads
+    q, k, v = (x.float().view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # [B, H, Lq, Lk]
+    out = (probs @ v).transpose(1, 2).reshape(b, lq, inner).to(dtype)
+    return out, probs.mean(1)
+
+
 @torch.no_grad()
 def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """Fill every parameter with seeded random values that keep activations of order one:

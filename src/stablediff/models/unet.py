@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stablediff.nn import GroupNorm32, attention, timestep_embedding, zero_module
+from stablediff.nn import GroupNorm32, attention, attention_with_maps, timestep_embedding, zero_module
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,15 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x over itself (context=None) or over a context sequence."""
+    """Multi-head attention of x over itself (context=None) or over a context sequence.
+
+    While `maps` is a list (see `stablediff.train.grounding.cross_attention_maps`), each call
+    appends its attention maps [B, Lq, Lk] (mean over heads) to it."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
         self.heads, self.upcast = heads, upcast
+        self.maps: list[torch.Tensor] | None = None
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -105,7 +109,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.maps is None:
+            return self.to_out(attention(q, k, v, self.heads, upcast=self.upcast))
+        out, maps = attention_with_maps(q, k, v, self.heads)
+        self.maps.append(maps)
         return self.to_out(out)
 
 

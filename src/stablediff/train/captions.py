@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from stablediff.train.shapes import (
     SHAPES,
     SIZES,
     TRAIN_PAIRS,
+    Placement,
     Rng,
     Scene,
     ShapeObject,
@@ -293,6 +295,46 @@ def parse_caption(text: str) -> SceneSpec:
     if len(objects) not in (1, 2) or (len(objects) == 2) != (relation is not None):
         raise ValueError(f"cannot parse caption {text!r}: expected one object, or two joined by a relation")
     return SceneSpec(background, tuple(ObjectSpec(**o) for o in objects), relation)  # type: ignore[arg-type]
+
+
+def object_word_spans(text: str) -> list[tuple[tuple[str, str], list[tuple[int, int]]]]:
+    """Each object a caption names, in caption order: its (colour, shape) and the character spans
+    of the words that name it (size, colour, shape; not its cell). ``text`` as ``caption`` writes
+    it (lower case); a phrase outside the language raises ``ValueError``."""
+    objects: list[tuple[tuple[str, str], list[tuple[int, int]]]] = []
+    color, spans, end = None, [], 0
+    for m in _TOKEN.finditer(text):
+        if text[end:m.start()].strip(" ,"):
+            raise ValueError(f"cannot read caption {text!r}: unknown words {text[end:m.start()].strip()!r}")
+        end = m.end()
+        kind, value = _VOCAB[m.group(1)]
+        if kind in ("size", "color", "shape"):
+            spans.append(m.span())
+            color = value if kind == "color" else color
+        if kind == "shape":
+            if color is None:
+                raise ValueError(f"cannot read caption {text!r}: the {value} has no colour")
+            objects.append(((color, value), spans))  # type: ignore[arg-type]
+            color, spans = None, []
+    if text[end:].strip(" ,"):
+        raise ValueError(f"cannot read caption {text!r}: unknown words {text[end:].strip()!r}")
+    return objects
+
+
+def caption_regions(text: str, scene: Scene, placements: Sequence[Placement], size: int) -> list[list[float]]:
+    """Grounding of a caption of ``scene``: ``[start, end, x0, y0, x1, y1]`` for every word that
+    names an object (``object_word_spans``), with the box the object was drawn in (``placements``
+    from ``layout``), in fractions of the image side ``size``."""
+    boxes = {}
+    for obj, p in zip(scene.objects, placements, strict=True):
+        boxes[obj.pair] = [(p.cx - p.radius) / size, (p.cy - p.radius) / size,
+                           (p.cx + p.radius) / size, (p.cy + p.radius) / size]  # fmt: skip
+    regions = []
+    for pair, spans in object_word_spans(text):
+        if pair not in boxes:
+            raise ValueError(f"caption {text!r} names a {' '.join(pair)}, which the scene does not have")
+        regions += [[start, end, *boxes[pair]] for start, end in spans]
+    return regions
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ class TrainConfig:
     high_noise_fraction: float = 0.0
     high_noise_from: int = 700
     snr_floor: float = 0.0  # 0: none
+    # Grounding loss (TokenCompose, Wang et al. 2024): the weight of a term that pulls each word
+    # naming an object onto that object's box in the U-Net's cross-attention maps. Needs data
+    # whose items carry grounding regions (shapes, or a latent cache that stores them).
+    grounding_weight: float = 0.0  # 0: off
 
     # vae
     kl_weight: float = 1e-6
@@ -105,7 +109,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma", "recon_focus",
-                        "snr_floor")  # fmt: skip
+                        "snr_floor", "grounding_weight")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -121,6 +125,11 @@ class TrainConfig:
             raise ValueError(f"hard_negatives is for the text stage, not {self.stage!r}")
         if self.train_text_encoder and self.stage not in ("unet", "finetune"):
             raise ValueError(f"train_text_encoder is for the unet and finetune stages, not {self.stage!r}")
+        if self.grounding_weight and self.stage not in ("unet", "finetune"):
+            raise ValueError(f"grounding_weight is for the unet and finetune stages, not {self.stage!r}")
+        if self.grounding_weight and self.gradient_checkpointing:
+            raise ValueError("grounding_weight needs the attention maps of the forward pass: "
+                             "turn gradient_checkpointing off")  # fmt: skip
         if self.min_snr_gamma and self.snr_floor > self.min_snr_gamma:
             raise ValueError(f"snr_floor={self.snr_floor} must not exceed min_snr_gamma={self.min_snr_gamma}")
         if self.high_noise_from < 0:

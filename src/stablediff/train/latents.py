@@ -3,7 +3,9 @@
 The cache is one safetensors file with two tensors, ``mean`` and ``std`` (``[N, z, h, w]``
 float32, over *scaled* latents, exactly what ``AutoencoderKL.encode`` returns), and metadata
 (string values, JSON where structured): ``format`` = "stablediff.latent_cache", ``version``,
-``count``, ``captions`` (a JSON list of N strings), ``image_size`` ([H, W]) and ``vae_config``.
+``count``, ``captions`` (a JSON list of N strings), ``image_size`` ([H, W]), ``vae_config`` and,
+when the dataset's items carry them, ``regions`` (a JSON list of N lists of grounding regions
+``[start, end, x0, y0, x1, y1]``, see :mod:`stablediff.train.grounding`).
 Storing the posterior rather than one sample lets every epoch draw a fresh latent
 ``mean + std * eps``, as training on the images themselves would.
 """
@@ -43,8 +45,9 @@ def _image_tensor(item: Any, index: int) -> torch.Tensor:
 def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | os.PathLike[str],
                         batch_size: int = 16, device: str | torch.device = "cpu",
                         progress: Callable[[int, int], None] | None = None) -> Path:
-    """Encode every item of ``dataset`` (``ds[i] -> (image, caption, ...)``, image ``[3, H, W]`` in
-    [-1, 1] or a PIL image, all of one size) with ``vae`` and write the cache to ``out_path``.
+    """Encode every item of ``dataset`` (``ds[i] -> (image, caption)`` or ``(image, caption,
+    regions)``, image ``[3, H, W]`` in [-1, 1] or a PIL image, all of one size) with ``vae`` and
+    write the cache to ``out_path``; regions, when item 0 has them, are stored for every item.
 
     The dataset must not drop captions (``caption_dropout`` > 0 is refused): dropout belongs to
     ``LatentCacheDataset``, per epoch. Random crops or flips of the dataset are baked in once.
@@ -62,7 +65,7 @@ def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | 
     if n == 0:
         raise ValueError("cannot encode an empty dataset")
     dtype = next(vae.parameters()).dtype
-    means, stds, captions = [], [], []
+    means, stds, captions, regions = [], [], [], []
     image_size: tuple[int, ...] | None = None
     was_training = vae.training
     vae.eval()
@@ -80,6 +83,7 @@ def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | 
             means.append(posterior.mean.float().cpu())
             stds.append(posterior.std.float().cpu())
             captions += [str(item[1]) for item in items]
+            regions += [item[2] if len(item) > 2 else None for item in items]
             if progress is not None:
                 progress(start + len(items), n)
     finally:
@@ -93,12 +97,18 @@ def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | 
         "image_size": json.dumps(list(image_size or ())),
         "vae_config": json.dumps(config.to_dict() if hasattr(config, "to_dict") else None),
     }
+    if regions[0] is not None:
+        missing = next((i for i, r in enumerate(regions) if r is None), None)
+        if missing is not None:
+            raise ValueError(f"item {missing} has no grounding regions but item 0 has: all items or none")
+        metadata["regions"] = json.dumps(regions)
     write_safetensors({"mean": torch.cat(means), "std": torch.cat(stds)}, out_path, metadata)
     return out_path
 
 
 class LatentCacheDataset:
-    """A latent cache as a map-style dataset: ``ds[i] -> (latent [z, h, w] float32, caption)``.
+    """A latent cache as a map-style dataset: ``ds[i] -> (latent [z, h, w] float32, caption)``, or
+    with ``regions=True`` ``(latent, caption, grounding regions)`` (the cache must store them).
 
     ``latent = mean + std * eps`` with ``eps`` from a CPU generator seeded by ``(seed, epoch, i)``
     (``sample=False``: the mean); the caption is "" with probability ``caption_dropout``, drawn
@@ -106,7 +116,7 @@ class LatentCacheDataset:
     """
 
     def __init__(self, path: str | os.PathLike[str], caption_dropout: float = 0.0, seed: int = 0,
-                 sample: bool = True):
+                 sample: bool = True, regions: bool = False):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
         self.path = Path(path)
@@ -122,6 +132,15 @@ class LatentCacheDataset:
         if self.mean.shape != self.std.shape or len(self.captions) != self.mean.shape[0]:
             raise ValueError(f"latent cache {self.path} is inconsistent: mean {list(self.mean.shape)}, "
                              f"std {list(self.std.shape)}, {len(self.captions)} captions")
+        self.regions: list[list[list[float]]] | None = None
+        if regions:
+            if "regions" not in self.metadata:
+                raise ValueError(f"latent cache {self.path} stores no grounding regions (encode a dataset whose "
+                                 "items carry them, e.g. the shapes recipe's cache)")  # fmt: skip
+            self.regions = json.loads(self.metadata["regions"])
+            if len(self.regions) != len(self.captions):
+                raise ValueError(f"latent cache {self.path}: {len(self.regions)} region lists for "
+                                 f"{len(self.captions)} captions")  # fmt: skip
         self.caption_dropout, self.seed, self.sample = caption_dropout, seed, sample
         self.epoch = 0
 
@@ -135,7 +154,7 @@ class LatentCacheDataset:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         index %= len(self)
@@ -146,4 +165,7 @@ class LatentCacheDataset:
             latent = latent + self.std[index] * torch.randn(latent.shape, generator=generator)
         # A separate stream for the dropout, so sample=False keeps the same captions.
         dropped = random.Random(seed).random() < self.caption_dropout
-        return latent, "" if dropped else self.captions[index]
+        text = "" if dropped else self.captions[index]
+        if self.regions is None:
+            return latent, text
+        return latent, text, [] if dropped else self.regions[index]

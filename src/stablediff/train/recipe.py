@@ -139,7 +139,7 @@ def _latent_cache(recipe: dict, out: Path) -> Path:
         return cache
     config = stage_config(recipe, "vae", out)
     config.shapes_size = int(recipe["latents"]["scenes"])
-    images, _ = image_text_data(config)
+    images, _ = image_text_data(config, regions=True)  # stored for a U-Net phase with a grounding loss
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer would run too
     encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR, device), cache, batch_size=64, device=device)

@@ -319,6 +319,10 @@ class ShapesDataset:
     def scene(self, index: int) -> Scene:
         return sample_scene(random.Random(item_seed(self.seed, self.split, index, "scene")), self.split, self.n_objects)
 
+    def placements(self, index: int) -> tuple[Placement, ...]:
+        """Where item ``index``'s objects are drawn (the jitter of its image)."""
+        return layout(self.scene(index), self.size, random.Random(item_seed(self.seed, self.split, index, "jitter")))
+
     def __getitem__(self, index: int) -> tuple[Any, str, Scene]:
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} items")

@@ -32,6 +32,7 @@ from stablediff.models.unet import UNetConfig, UNetModel
 from stablediff.presets import PRESETS, ModelSpec
 from stablediff.train.config import TrainConfig
 from stablediff.train.distributed import rank_randn, rank_rows
+from stablediff.train.grounding import cross_attention_maps, grounding_loss, token_boxes
 from stablediff.train.stage import Stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR
 from stablediff.train.stages.unet_parts import captions_of, frozen_parts, unet_data
@@ -144,10 +145,16 @@ class UNetStage(Stage):
     def dataset(self) -> Dataset:
         return self._train
 
-    def collate(self, items: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
-        """(image [3, S, S] or latent [z, h, w], caption) items -> {"x": [B, ...], "ids": [B, L] token ids}."""
-        return {"x": torch.stack([x for x, _ in items]),
-                "ids": torch.tensor(self.tokenizer([c for _, c in items]), dtype=torch.long)}  # fmt: skip
+    def collate(self, items: list[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
+        """(image [3, S, S] or latent [z, h, w], caption[, regions]) items -> {"x": [B, ...], "ids":
+        [B, L] token ids}, and with regions "boxes" [B, L, 4] and "grounded" [B, L] (`token_boxes`)."""
+        batch = {"x": torch.stack([item[0] for item in items]),
+                 "ids": torch.tensor(self.tokenizer([item[1] for item in items]), dtype=torch.long)}  # fmt: skip
+        if all(len(item) > 2 for item in items):
+            boxes = [token_boxes(self.tokenizer, item[1], item[2]) for item in items]
+            batch["boxes"] = torch.stack([b for b, _ in boxes])
+            batch["grounded"] = torch.stack([g for _, g in boxes])
+        return batch
 
     # -----------------------------------------------------------------------------------------
     def _latents_and_condition(self, batch: dict, generator: torch.Generator,
@@ -190,8 +197,15 @@ class UNetStage(Stage):
         c, steps = self.config, self.noise.config.num_train_timesteps
         t = rank_rows(lambda n: draw_timesteps(n, steps, generator, c.high_noise_fraction, c.high_noise_from), b)
         noise = rank_randn(generator, latents.shape)
-        per_sample = self._loss(model, latents, condition, t, noise)
-        return per_sample.mean(), {"latent_std": float(latents.std())}
+        if not c.grounding_weight:
+            per_sample = self._loss(model, latents, condition, t, noise)
+            return per_sample.mean(), {"latent_std": float(latents.std())}
+        with cross_attention_maps(self.unet) as maps:
+            per_sample = self._loss(model, latents, condition, t, noise)
+        grounding = grounding_loss(maps, batch["boxes"], batch["grounded"], latents.shape[-2:]).mean()
+        loss = per_sample.mean() + c.grounding_weight * grounding
+        return loss, {"latent_std": float(latents.std()), "denoising": float(per_sample.detach().mean()),
+                      "grounding": float(grounding.detach())}  # fmt: skip
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out loss at evenly spaced timesteps with fixed noise: comparable between steps and runs."""

@@ -129,10 +129,12 @@ class CaptionDropout(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        x, text = self.dataset[index][:2]
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        x, text, *regions = self.dataset[index]
         dropped = random.Random(derive_seed(self.seed, "caption-dropout", self.epoch, index)).random() < self.p
-        return x, "" if dropped else text
+        if dropped:  # an empty caption grounds nothing
+            text, regions = "", [[] for _ in regions]
+        return (x, text, *regions)
 
 
 def captions_of(dataset: Any) -> list[str]:
@@ -148,7 +150,8 @@ def captions_of(dataset: Any) -> list[str]:
 
 
 def _latent_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset]:
-    cache = LatentCacheDataset(config.data, caption_dropout=0.0, seed=config.seed)
+    cache = LatentCacheDataset(config.data, caption_dropout=0.0, seed=config.seed,
+                               regions=config.grounding_weight > 0)  # fmt: skip
     stored = cache.metadata.get("vae_config")
     if stored and json.loads(stored) not in (None, json.loads(json.dumps(vae.config.to_dict()))):
         raise ValueError(f"latent cache {config.data} was encoded with another VAE than this run's "
@@ -176,7 +179,7 @@ def unet_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset
         raise ValueError(f"training data {config.data!r} does not exist (expected a captioned image folder, "
                          "a latent cache file or 'shapes')")  # fmt: skip
     latents = path.is_file()
-    train, held = _latent_data(config, vae) if latents else image_text_data(config)
+    train, held = _latent_data(config, vae) if latents else image_text_data(config, config.grounding_weight > 0)
     if len(train) == 0:
         raise ValueError(f"training data {config.data!r} is empty")
     return CaptionDropout(train, config.caption_dropout, config.seed), held, latents

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from torch.utils.data import Dataset, Subset
 
 from stablediff.image import image_to_tensor, tensor_to_images
 from stablediff.models.vae import AutoencoderKL, VAEConfig
+from stablediff.train.captions import caption_regions
 from stablediff.train.config import TrainConfig
 from stablediff.train.data import CaptionedFolder
 from stablediff.train.distributed import rank_randn
@@ -72,21 +74,26 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Data shared by the image stages (vae, text)
 class ShapesPairs(Dataset):
-    """`ShapesDataset` items as (image [3, S, S] in [-1, 1], caption): what `CaptionedFolder` gives."""
+    """`ShapesDataset` items as (image [3, S, S] in [-1, 1], caption): what `CaptionedFolder` gives;
+    with `regions`, (image, caption, the caption's grounding regions: `caption_regions`)."""
 
-    def __init__(self, n: int, seed: int, size: int, split: str = "train"):
-        self.shapes = ShapesDataset(n, seed, split, size)
+    def __init__(self, n: int, seed: int, size: int, split: str = "train", regions: bool = False):
+        self.shapes, self.regions = ShapesDataset(n, seed, split, size), regions
 
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        image, text, _ = self.shapes[index]
-        return image_to_tensor(image)[0], text
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        image, text, scene = self.shapes[index]
+        if not self.regions:
+            return image_to_tensor(image)[0], text
+        regions = caption_regions(text, scene, self.shapes.placements(index), self.shapes.size)
+        return image_to_tensor(image)[0], text, regions
 
 
-def image_text_data(config: TrainConfig) -> tuple[Dataset, Dataset]:
-    """(training set, held-out set) of (image, caption) pairs for `config.data`.
+def image_text_data(config: TrainConfig, regions: bool = False) -> tuple[Dataset, Dataset]:
+    """(training set, held-out set) of (image, caption) pairs for `config.data`; `regions`: shapes
+    training items carry their grounding regions too (a latent cache stores them).
 
     "shapes": an endless-looking stream of `shapes_size` scenes, and `eval_size` scenes of another
     seed. A folder: a seeded `eval_size` subset (at most a tenth of the folder) is held out of
@@ -94,7 +101,7 @@ def image_text_data(config: TrainConfig) -> tuple[Dataset, Dataset]:
     on training items (logged).
     """
     if config.data == "shapes":
-        train = ShapesPairs(config.shapes_size, config.seed, config.resolution)
+        train = ShapesPairs(config.shapes_size, config.seed, config.resolution, regions=regions)
         held = ShapesPairs(max(config.eval_size, 1), config.seed + EVAL_SEED_OFFSET, config.resolution)
         return train, held
     if not config.data or config.data.endswith(".safetensors"):
