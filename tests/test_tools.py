@@ -23,7 +23,7 @@ def test_relation_probe_prints_text_similarity_a_row_per_timestep_and_the_suite(
     rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == [950, 850, 750, 600, 400, 200]
     for row in rows:  # x0 errors are positive and shrink with the noise; the grounding loss is in [0, 1]
-        assert all(float(v) > 0 for v in row[2:6]) and 0 < float(row[8]) < 1
+        assert all(float(v) > 0 for v in row[2:6]) and all(0 < float(v) < 1 for v in row[8:10])
     assert float(rows[0][2]) > float(rows[-1][2])
     assert lines[-1].startswith("relation suite, first 2 prompts: color ") and "all_correct" in lines[-1]
 

@@ -12,9 +12,10 @@ as well. A model that uses the relation has a lower error with the true one at t
 where the layout is decided; CELL shows how much knowing where the objects are is worth there.
 Also prints how far the text encoder's states move when only the relation word changes (cosine
 similarity of the true and inverse captions' states at the relation word, the word after it, the
-second object's shape word and the end-of-text token), and, with the true captions, the grounding
-loss of `stablediff.train.grounding` (1 - the share of each object word's cross-attention inside
-the object's box, squared; 0.85 when attention ignores where the objects are).
+second object's shape word and the end-of-text token), and the grounding loss of
+`stablediff.train.grounding` with the true and the inverse captions (1 - the share of each object
+word's cross-attention inside the object's box, squared; 0.85 when attention ignores where the
+objects are): attention that follows the relation is better grounded with the true one.
 
 `--decode N`: also train linear probes on the text states of N captions naming both cells: how
 well the relation and each object's colour can be read from the second object's words (present,
@@ -115,28 +116,30 @@ def main() -> None:
     x0 = pipe.vae.encode(images).mean
     alphas = pipe.noise_schedule().alphas_cumprod.float()
     generator = torch.Generator().manual_seed(args.seed)
-    regions = [caption_regions(c["true"], s, layout(s, 64, random.Random(j)), 64)
-               for c, (s, j) in zip(per_scene, pairs, strict=True)]  # fmt: skip
-    grounding = [token_boxes(pipe.tokenizer, c["true"], r) for c, r in zip(per_scene, regions, strict=True)]
-    boxes, grounded = torch.stack([b for b, _ in grounding]), torch.stack([g for _, g in grounding])
+    placements = [layout(s, 64, random.Random(j)) for s, j in pairs]
+    targets = {}  # the object words' boxes, for the captions whose grounding is measured
+    for kind in ("true", "inverse"):
+        tokens = [token_boxes(pipe.tokenizer, c[kind], caption_regions(c[kind], s, p, 64))
+                  for c, s, p in zip(per_scene, scenes, placements, strict=True)]  # fmt: skip
+        targets[kind] = torch.stack([b for b, _ in tokens]), torch.stack([g for _, g in tokens])
     print("t    SNR     x0 error: true   inverse  cell    swapped  worse than true / cell: inverse  swapped"
-          "  grounding")
+          "  grounding: true  inverse")
     for t in TIMESTEPS:
         a = alphas[t]
         noise = torch.randn(x0.shape, generator=generator)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        errors = {}
+        errors, ground = {}, {}
         for kind, c in context.items():
             with cross_attention_maps(pipe.unet) as maps:
                 eps = pipe.unet(x_t, torch.full((args.n,), float(t)), c)
             errors[kind] = ((x_t - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).flatten(1).mean(1)
-            if kind == "true":
-                ground = grounding_loss(maps, boxes, grounded, tuple(x0.shape[-2:])).mean()
+            if kind in targets:
+                ground[kind] = grounding_loss(maps, *targets[kind], tuple(x0.shape[-2:])).mean()
         inverse_worse = (errors["inverse"] > errors["true"]).float().mean() * 100
         swapped_worse = (errors["swapped"] > errors["cell"]).float().mean() * 100
         print(f"{t:<4} {float(a / (1 - a)):<7.3f} {errors['true'].mean():>15.4f} {errors['inverse'].mean():>8.4f} "
               f"{errors['cell'].mean():>7.4f} {errors['swapped'].mean():>8.4f}  {inverse_worse:>30.0f}% "
-              f"{swapped_worse:>7.0f}% {ground:>10.3f}")
+              f"{swapped_worse:>7.0f}% {ground['true']:>16.3f} {ground['inverse']:>8.3f}")
     if args.suite:
         judge_suite(pipe, args.suite)
 
