@@ -156,6 +156,15 @@ def test_grounding_options_are_validated():
         TrainConfig(stage="unet", grounding_weight=-1.0)
 
 
+def test_grounding_needs_data_with_regions(tmp_path):
+    from stablediff.train.stages.unet import UNetStage
+
+    (tmp_path / "a.png").write_bytes(b"")
+    config = TrainConfig(stage="unet", data=str(tmp_path), out=str(tmp_path / "run"), grounding_weight=0.1)
+    with pytest.raises(ValueError, match="the captioned folder .* has none"):
+        UNetStage(config, torch.device("cpu"))
+
+
 def test_unet_stage_trains_with_the_grounding_loss(tmp_path):
     from stablediff.train.stages.unet import UNetStage
     from stablediff.train.stages.unet_parts import CaptionDropout

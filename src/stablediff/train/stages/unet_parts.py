@@ -179,6 +179,9 @@ def unet_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset
         raise ValueError(f"training data {config.data!r} does not exist (expected a captioned image folder, "
                          "a latent cache file or 'shapes')")  # fmt: skip
     latents = path.is_file()
+    if config.grounding_weight and not latents and config.data != "shapes":
+        raise ValueError(f"grounding_weight needs captions with grounding regions: --data shapes or a latent cache "
+                         f"that stores them; the captioned folder {config.data!r} has none")  # fmt: skip
     train, held = _latent_data(config, vae) if latents else image_text_data(config, config.grounding_weight > 0)
     if len(train) == 0:
         raise ValueError(f"training data {config.data!r} is empty")
