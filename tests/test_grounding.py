@@ -189,3 +189,5 @@ def test_unet_stage_trains_with_the_grounding_loss(tmp_path):
     print(f"grounding loss over 12 steps on one batch: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.8 * losses[0]
     assert "boxes" not in stage.collate([item[:2] for item in items])  # held-out items carry no regions
+    scenes = CaptionDropout(ShapesDataset(2, seed=3, size=32), 0.0, 0)  # a Scene as third element is no region
+    assert len(scenes[0]) == 2

@@ -24,6 +24,12 @@ from stablediff.models.unet import CrossAttention
 from stablediff.tokenizer import CLIPTokenizer
 
 
+def item_regions(item: Sequence) -> list | None:
+    """The grounding regions a dataset item ``(x, caption, ...)`` carries: its third element when that
+    is a list (others, such as a shapes ``Scene``, are not regions), else None."""
+    return item[2] if len(item) > 2 and isinstance(item[2], list) else None
+
+
 def token_boxes(tokenizer: CLIPTokenizer, caption: str,
                 regions: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(boxes [L, 4] float32, grounded [L] bool) over the ``tokenizer(caption)`` positions (L its
@@ -102,4 +108,4 @@ def grounding_loss(maps: Sequence[torch.Tensor], boxes: torch.Tensor, grounded: 
     return torch.stack(losses).mean(0)
 
 
-__all__ = ["box_masks", "cross_attention_maps", "grounding_loss", "token_boxes"]
+__all__ = ["box_masks", "cross_attention_maps", "grounding_loss", "item_regions", "token_boxes"]

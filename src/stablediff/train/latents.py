@@ -25,6 +25,7 @@ from torch import nn
 
 from stablediff.image import image_to_tensor
 from stablediff.train.data import derive_seed
+from stablediff.train.grounding import item_regions
 from stablediff.weights.io import read_metadata, read_state_dict, write_safetensors
 
 CACHE_FORMAT = "stablediff.latent_cache"
@@ -45,9 +46,10 @@ def _image_tensor(item: Any, index: int) -> torch.Tensor:
 def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | os.PathLike[str],
                         batch_size: int = 16, device: str | torch.device = "cpu",
                         progress: Callable[[int, int], None] | None = None) -> Path:
-    """Encode every item of ``dataset`` (``ds[i] -> (image, caption)`` or ``(image, caption,
-    regions)``, image ``[3, H, W]`` in [-1, 1] or a PIL image, all of one size) with ``vae`` and
-    write the cache to ``out_path``; regions, when item 0 has them, are stored for every item.
+    """Encode every item of ``dataset`` (``ds[i] -> (image, caption, ...)``, image ``[3, H, W]`` in
+    [-1, 1] or a PIL image, all of one size) with ``vae`` and write the cache to ``out_path``;
+    grounding regions (a list as third element, ``item_regions``), when item 0 has them, are
+    stored for every item.
 
     The dataset must not drop captions (``caption_dropout`` > 0 is refused): dropout belongs to
     ``LatentCacheDataset``, per epoch. Random crops or flips of the dataset are baked in once.
@@ -83,7 +85,7 @@ def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | 
             means.append(posterior.mean.float().cpu())
             stds.append(posterior.std.float().cpu())
             captions += [str(item[1]) for item in items]
-            regions += [item[2] if len(item) > 2 else None for item in items]
+            regions += [item_regions(item) for item in items]
             if progress is not None:
                 progress(start + len(items), n)
     finally:

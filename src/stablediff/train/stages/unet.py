@@ -32,7 +32,7 @@ from stablediff.models.unet import UNetConfig, UNetModel
 from stablediff.presets import PRESETS, ModelSpec
 from stablediff.train.config import TrainConfig
 from stablediff.train.distributed import rank_randn, rank_rows
-from stablediff.train.grounding import cross_attention_maps, grounding_loss, token_boxes
+from stablediff.train.grounding import cross_attention_maps, grounding_loss, item_regions, token_boxes
 from stablediff.train.stage import Stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR
 from stablediff.train.stages.unet_parts import captions_of, frozen_parts, unet_data
@@ -150,8 +150,9 @@ class UNetStage(Stage):
         [B, L] token ids}, and with regions "boxes" [B, L, 4] and "grounded" [B, L] (`token_boxes`)."""
         batch = {"x": torch.stack([item[0] for item in items]),
                  "ids": torch.tensor(self.tokenizer([item[1] for item in items]), dtype=torch.long)}  # fmt: skip
-        if all(len(item) > 2 for item in items):
-            boxes = [token_boxes(self.tokenizer, item[1], item[2]) for item in items]
+        regions = [item_regions(item) for item in items]
+        if all(r is not None for r in regions):
+            boxes = [token_boxes(self.tokenizer, item[1], r) for item, r in zip(items, regions, strict=True)]
             batch["boxes"] = torch.stack([b for b, _ in boxes])
             batch["grounded"] = torch.stack([g for _, g in boxes])
         return batch

@@ -34,6 +34,7 @@ from stablediff.presets import PRESETS
 from stablediff.tokenizer import CLIPTokenizer
 from stablediff.train.config import TrainConfig
 from stablediff.train.data import derive_seed
+from stablediff.train.grounding import item_regions
 from stablediff.train.latents import LatentCacheDataset
 from stablediff.train.order import set_epoch
 from stablediff.train.stages.text import TEXT_FILE, load_text_export
@@ -130,11 +131,11 @@ class CaptionDropout(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
-        x, text, *regions = self.dataset[index]
-        dropped = random.Random(derive_seed(self.seed, "caption-dropout", self.epoch, index)).random() < self.p
-        if dropped:  # an empty caption grounds nothing
-            text, regions = "", [[] for _ in regions]
-        return (x, text, *regions)
+        item = self.dataset[index]
+        (x, text), regions = item[:2], item_regions(item)
+        if random.Random(derive_seed(self.seed, "caption-dropout", self.epoch, index)).random() < self.p:
+            text, regions = "", [] if regions is not None else None  # an empty caption grounds nothing
+        return (x, text) if regions is None else (x, text, regions)
 
 
 def captions_of(dataset: Any) -> list[str]:
