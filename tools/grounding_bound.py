@@ -40,7 +40,7 @@ def main() -> None:
         placements = layout(scene, 64, random.Random(rng.randrange(2**32)))
         for p, relation in zip(placements, (scene.relation, INVERSE_RELATION[scene.relation]), strict=True):
             relations.append(relation)
-            boxes.append([v / 64 for v in (p.cx - p.radius, p.cy - p.radius, p.cx + p.radius, p.cy + p.radius)])
+            boxes.append(p.box(64))
     for side in (8, 4):
         masks = box_masks(torch.tensor(boxes), side, side)  # [objects, side * side]
         mean_box = {r: masks[[i for i, x in enumerate(relations) if x == r]].mean(0) for r in set(relations)}

@@ -31,6 +31,7 @@ run, with `text_encoder.*` keys when the text encoder trained too) loaded over `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 
 import torch
@@ -130,7 +131,7 @@ def main() -> None:
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         errors, ground = {}, {}
         for kind, c in context.items():
-            with cross_attention_maps(pipe.unet) as maps:
+            with cross_attention_maps(pipe.unet) if kind in targets else contextlib.nullcontext() as maps:
                 eps = pipe.unet(x_t, torch.full((args.n,), float(t)), c)
             errors[kind] = ((x_t - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).flatten(1).mean(1)
             if kind in targets:

@@ -325,10 +325,7 @@ def caption_regions(text: str, scene: Scene, placements: Sequence[Placement], si
     """Grounding of a caption of ``scene``: ``[start, end, x0, y0, x1, y1]`` for every word that
     names an object (``object_word_spans``), with the box the object was drawn in (``placements``
     from ``layout``), in fractions of the image side ``size``."""
-    boxes = {}
-    for obj, p in zip(scene.objects, placements, strict=True):
-        boxes[obj.pair] = [(p.cx - p.radius) / size, (p.cy - p.radius) / size,
-                           (p.cx + p.radius) / size, (p.cy + p.radius) / size]  # fmt: skip
+    boxes = {obj.pair: p.box(size) for obj, p in zip(scene.objects, placements, strict=True)}
     regions = []
     for pair, spans in object_word_spans(text):
         if pair not in boxes:

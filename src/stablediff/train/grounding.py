@@ -45,8 +45,9 @@ def token_boxes(tokenizer: CLIPTokenizer, caption: str,
         start, end = int(start), int(end)
         if not 0 <= start < end <= len(caption):
             raise ValueError(f"region [{start}, {end}) is outside the caption {caption!r} ({len(caption)} characters)")
-        first, last = len(tokenizer.encode(caption[:start])), len(tokenizer.encode(caption[:end]))
-        if ids[:last] != tokenizer.encode(caption[:end]) or last == first:
+        first, upto = len(tokenizer.encode(caption[:start])), tokenizer.encode(caption[:end])
+        last = len(upto)
+        if ids[:last] != upto or last == first:
             raise ValueError(f"region [{start}, {end}) of {caption!r} does not fall on word boundaries")
         positions = range(1 + first, min(1 + last, length - 1))  # after BOS, before the final EOS slot
         boxes[positions.start:positions.stop] = torch.tensor(box, dtype=torch.float32)
@@ -94,14 +95,16 @@ def grounding_loss(maps: Sequence[torch.Tensor], boxes: torch.Tensor, grounded: 
     height, width = latent_size
     grounded = grounded.to(maps[0].device)
     weight = grounded.float() / grounded.sum(-1, keepdim=True).clamp_min(1)  # [B, L]
-    losses = []
+    losses, masks_at = [], {}
     for attention in maps:
         pixels = attention.shape[1]
         scale = round((height * width / pixels) ** 0.5)
         h, w = -(-height // scale), -(-width // scale)  # each level halves the side, rounding up
         if h * w != pixels:
             raise ValueError(f"a {pixels}-pixel attention map is no downsampling of a {height}x{width} latent")
-        masks = box_masks(boxes.to(attention.device), h, w)  # [B, L, h*w]
+        if (h, w) not in masks_at:  # several layers share a resolution
+            masks_at[h, w] = box_masks(boxes.to(attention.device), h, w)  # [B, L, h*w]
+        masks = masks_at[h, w]
         per_token = attention.float().transpose(1, 2)  # [B, L, h*w]
         share = (per_token * masks).sum(-1) / per_token.sum(-1).clamp_min(1e-8)
         losses.append(((1 - share) ** 2 * weight).sum(-1))

@@ -245,6 +245,11 @@ class Placement:
     radius: float
     anchor: tuple[float, float]
 
+    def box(self, size: int) -> list[float]:
+        """The bounding box [x0, y0, x1, y1] in fractions of the image side ``size``."""
+        return [(self.cx - self.radius) / size, (self.cy - self.radius) / size,
+                (self.cx + self.radius) / size, (self.cy + self.radius) / size]  # fmt: skip
+
 
 def layout(scene: Scene, size: int = 64, jitter_rng: Rng | None = None) -> tuple[Placement, ...]:
     """Object placements: cell centre plus a uniform jitter of up to ``JITTER * size`` per axis
