@@ -162,6 +162,7 @@ def _latent_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Data
                          f"the VAE {vae.config.z_channels}")  # fmt: skip
     plain = copy.copy(cache)
     plain.sample = False  # evaluate on posterior means: the same numbers every time
+    plain.regions = None  # the held-out loss is the denoising loss: no token boxes to build
     n_eval = min(config.eval_size, len(cache) // 10)
     if n_eval == 0:
         logger.warning("%s: %d items are too few to hold some out; evaluating on training items",
