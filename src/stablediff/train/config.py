@@ -71,22 +71,6 @@ class TrainConfig:
     # naming an object onto that object's box in the U-Net's cross-attention maps. Needs data
     # whose items carry grounding regions (shapes, or a latent cache that stores them).
     grounding_weight: float = 0.0  # 0: off
-    # Relation contrast: the weight of a term that asks the denoising error with a caption's
-    # relation turned round ("left of" <-> "right of") to exceed the error with the true caption,
-    # on the same noisy latent, at t >= relation_contrast_from (where the layout is still open):
-    # softplus(-log(error_inverse / error_true) / relation_contrast_scale). The relation's share
-    # of the plain loss is too small to be learnt from it (docs/model-card.md).
-    relation_contrast: float = 0.0  # 0: off
-    relation_contrast_from: int = 500
-    relation_contrast_scale: float = 0.02  # the log error ratio at which a pair counts as told apart
-    # Relation reward (train/reward.py): the weight of a term scoring the layout of shapes-world
-    # prompts the model samples itself (DDIM, guidance relation_reward_guidance), at a step drawn
-    # from timesteps [relation_reward_from, relation_reward_to]; relation_reward_batch prompts a step.
-    relation_reward: float = 0.0  # 0: off
-    relation_reward_batch: int = 16
-    relation_reward_from: int = 600
-    relation_reward_to: int = 900
-    relation_reward_guidance: float = 7.5
 
     # vae
     kl_weight: float = 1e-6
@@ -125,8 +109,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma", "recon_focus",
-                        "snr_floor", "grounding_weight", "relation_contrast", "relation_contrast_from",
-                        "relation_reward", "relation_reward_guidance")  # fmt: skip
+                        "snr_floor", "grounding_weight")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -144,17 +127,6 @@ class TrainConfig:
             raise ValueError(f"train_text_encoder is for the unet and finetune stages, not {self.stage!r}")
         if self.grounding_weight and self.stage not in ("unet", "finetune"):
             raise ValueError(f"grounding_weight is for the unet and finetune stages, not {self.stage!r}")
-        if self.relation_contrast and self.stage not in ("unet", "finetune"):
-            raise ValueError(f"relation_contrast is for the unet and finetune stages, not {self.stage!r}")
-        if self.relation_reward and self.stage not in ("unet", "finetune"):
-            raise ValueError(f"relation_reward is for the unet and finetune stages, not {self.stage!r}")
-        if self.relation_reward_batch < 1:
-            raise ValueError(f"relation_reward_batch must be >= 1, got {self.relation_reward_batch}")
-        if not 0 <= self.relation_reward_from <= self.relation_reward_to:
-            raise ValueError(f"relation_reward_from and relation_reward_to must satisfy 0 <= from <= to, got "
-                             f"{self.relation_reward_from} and {self.relation_reward_to}")  # fmt: skip
-        if self.relation_contrast_scale <= 0:
-            raise ValueError(f"relation_contrast_scale must be > 0, got {self.relation_contrast_scale}")
         if self.grounding_weight and self.gradient_checkpointing:
             raise ValueError("grounding_weight needs the attention maps of the forward pass: "
                              "turn gradient_checkpointing off")  # fmt: skip

@@ -19,8 +19,6 @@ import dataclasses
 import io
 import logging
 import math
-import random
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from stablediff.diffusion import NoiseSchedule, ScheduleConfig, min_snr_gamma_weights, q_sample, training_target
 from stablediff.models.unet import UNetConfig, UNetModel
 from stablediff.presets import PRESETS, ModelSpec
-from stablediff.train.captions import inverse_relation_caption
 from stablediff.train.config import TrainConfig
-from stablediff.train.contrast import relation_contrast_loss
 from stablediff.train.distributed import rank_randn, rank_rows
 from stablediff.train.grounding import cross_attention_maps, grounding_loss, item_regions, token_boxes
-from stablediff.train.reward import (
-    CELL,
-    REWARD_SAMPLER_STEPS,
-    predicted_x0,
-    relation_prompts,
-    relation_reward_loss,
-    sample_to_step,
-)
 from stablediff.train.stage import Stage
 from stablediff.train.stages.tokenizer import TOKENIZER_DIR
 from stablediff.train.stages.unet_parts import captions_of, frozen_parts, unet_data
@@ -125,17 +113,6 @@ class UNetStage(Stage):
             self.model = TextConditionedUNet({"unet": self.unet, "text_encoder": self.text_encoder})
         self.noise = NoiseSchedule(self._schedule_config())
         self.alphas_cumprod = self.noise.alphas_cumprod.to(torch.float32)
-        steps = self.noise.config.num_train_timesteps
-        # The relation reward's sampler: its timesteps, and the indices of those it may stop at.
-        self._reward_timesteps = torch.linspace(steps - 1, 0, REWARD_SAMPLER_STEPS).round().long()
-        self._reward_stops = ((self._reward_timesteps >= config.relation_reward_from)
-                              & (self._reward_timesteps <= config.relation_reward_to)).nonzero().squeeze(1)  # fmt: skip
-        if config.relation_reward and not len(self._reward_stops):
-            raise ValueError(f"no step of the relation reward's {REWARD_SAMPLER_STEPS}-step sampler lies in "
-                             f"[{config.relation_reward_from}, {config.relation_reward_to}]")  # fmt: skip
-        if config.relation_contrast and config.relation_contrast_from >= steps:
-            raise ValueError(f"relation_contrast_from must be below the schedule's {steps} timesteps, "
-                             f"got {config.relation_contrast_from}")  # fmt: skip
 
     # -----------------------------------------------------------------------------------------
     def _initial_unet(self) -> UNetModel:
@@ -170,16 +147,9 @@ class UNetStage(Stage):
 
     def collate(self, items: list[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
         """(image [3, S, S] or latent [z, h, w], caption[, regions]) items -> {"x": [B, ...], "ids":
-        [B, L] token ids}; with regions "boxes" [B, L, 4] and "grounded" [B, L] (`token_boxes`); with
-        `relation_contrast` "inverse_ids" [B, L] (`inverse_relation_caption`, the caption itself where
-        it has no relation) and "has_inverse" [B] bool."""
+        [B, L] token ids}, and with regions "boxes" [B, L, 4] and "grounded" [B, L] (`token_boxes`)."""
         batch = {"x": torch.stack([item[0] for item in items]),
                  "ids": torch.tensor(self.tokenizer([item[1] for item in items]), dtype=torch.long)}  # fmt: skip
-        if self.config.relation_contrast:
-            inverse = [inverse_relation_caption(item[1]) for item in items]
-            texts = [t or item[1] for t, item in zip(inverse, items, strict=True)]
-            batch["inverse_ids"] = torch.tensor(self.tokenizer(texts), dtype=torch.long)
-            batch["has_inverse"] = torch.tensor([t is not None for t in inverse])
         regions = [item_regions(item) for item in items]
         if all(r is not None for r in regions):
             boxes = [token_boxes(self.tokenizer, item[1], r) for item, r in zip(items, regions, strict=True)]
@@ -203,40 +173,24 @@ class UNetStage(Stage):
                 shape = posterior.mean.shape
                 latents = posterior.sample(noise=rank_randn(generator, shape) if global_batch else
                                            torch.randn(shape, generator=generator))  # fmt: skip
-            condition = self._condition(batch["ids"])
+            ids = batch["ids"].to(self.device, non_blocking=True)
+            condition = ids if self.config.train_text_encoder else self.text_encoder(ids)
         return latents.float(), condition
 
-    def _condition(self, ids: torch.Tensor) -> torch.Tensor:
-        """What the trained model is conditioned on for token ids [B, L]: the ids themselves when the
-        text encoder trains too, else the frozen text encoder's context."""
-        ids = ids.to(self.device, non_blocking=True)
-        if self.config.train_text_encoder:
-            return ids
-        with torch.no_grad():
-            return self.text_encoder(ids)
-
-    def _errors(self, model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """Per-sample unweighted MSE [B] for timesteps `t` [B] (int64) and `noise` like `latents`."""
+    def _loss(self, model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Per-sample (weighted) MSE [B] for timesteps `t` [B] (int64) and `noise` like `latents`."""
         t = t.to(self.device)
         noise = noise.to(self.device)
         x_t = q_sample(latents, t, noise, self.alphas_cumprod)
         target = training_target(self.config.prediction_type, latents, noise, t, self.alphas_cumprod)
         prediction = model(x_t, t.float(), condition)
-        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-
-    def _weights(self, t: torch.Tensor) -> torch.Tensor | float:
-        """Per-sample loss weights [B] (Min-SNR-gamma with the SNR floor), or 1."""
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
         c = self.config
         if c.min_snr_gamma > 0 or c.snr_floor > 0:
-            return min_snr_gamma_weights(t.to(self.device), self.alphas_cumprod, c.min_snr_gamma or math.inf,
-                                         c.prediction_type, floor=c.snr_floor)  # fmt: skip
-        return 1.0
-
-    def _loss(self, model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
-              noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """Per-sample (weighted) MSE [B] for timesteps `t` [B] (int64) and `noise` like `latents`."""
-        return self._errors(model, latents, condition, t, noise) * self._weights(t)
+            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, c.min_snr_gamma or math.inf,
+                                                            c.prediction_type, floor=c.snr_floor)  # fmt: skip
+        return per_sample
 
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         latents, condition = self._latents_and_condition(batch, generator, global_batch=True)
@@ -244,63 +198,15 @@ class UNetStage(Stage):
         c, steps = self.config, self.noise.config.num_train_timesteps
         t = rank_rows(lambda n: draw_timesteps(n, steps, generator, c.high_noise_fraction, c.high_noise_from), b)
         noise = rank_randn(generator, latents.shape)
-        logs = {"latent_std": float(latents.std())}
-        # Relation contrast: the contrasted rows again, with the inverse caption, in the same forward.
-        rows = torch.zeros(0, dtype=torch.long)
-        if c.relation_contrast:
-            rows = (batch["has_inverse"] & (t >= c.relation_contrast_from)).nonzero().squeeze(1)
-        inputs = (latents, condition, t, noise)
-        if len(rows):
-            inverse = self._condition(batch["inverse_ids"][rows])
-            again = (latents[rows], inverse, t[rows], noise[rows])
-            inputs = tuple(torch.cat([x, y]) for x, y in zip(inputs, again, strict=True))
-        with cross_attention_maps(self.unet) if c.grounding_weight else nullcontext() as maps:
-            errors = self._errors(model, *inputs)
-        per_sample = errors[:b] * self._weights(t)
-        loss = per_sample.mean()
-        if c.grounding_weight:
-            grounding = grounding_loss([m[:b] for m in maps], batch["boxes"], batch["grounded"],
-                                       latents.shape[-2:]).mean()  # fmt: skip
-            loss = loss + c.grounding_weight * grounding
-            logs["grounding"] = float(grounding.detach())
-        if c.relation_contrast:
-            contrast = relation_contrast_loss(errors[rows], errors[b:], c.relation_contrast_scale).sum() / b
-            loss = loss + c.relation_contrast * contrast
-            logs["contrast"] = float(contrast.detach())
-            if len(rows):  # the share of contrasted rows where the true caption fits better
-                logs["told_apart"] = float((errors[b:] > errors[rows]).float().mean())
-        if c.relation_reward:
-            hinge, margins = self._relation_reward(model, generator)
-            loss = loss + c.relation_reward * hinge.mean()
-            logs["reward_hinge"] = float(hinge.detach().mean())
-            logs["relation_holds"] = float((margins > CELL / 2).float().mean())  # the judge: a cell apart
-        if len(logs) > 1:
-            logs["denoising"] = float(per_sample.detach().mean())
-        return loss, logs
-
-    def _relation_reward(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The relation reward's hinges and margins [relation_reward_batch] (train/reward.py): shapes
-        prompts sampled with DDIM and guidance down to a step drawn from [relation_reward_from,
-        relation_reward_to], there the guided x0 prediction decoded and scored, with gradients."""
-        c = self.config
-        seed = int(rank_rows(lambda n: torch.randint(0, 2**62, (n,), generator=generator), 1))
-        prompts, specs = relation_prompts(random.Random(seed), c.relation_reward_batch)
-        b = len(prompts)
-        condition = self._condition(torch.tensor(self.tokenizer(prompts + [""] * b), dtype=torch.long))
-        stop = int(self._reward_stops[torch.randint(len(self._reward_stops), (1,), generator=generator)])
-        side = c.resolution // self.vae.config.downscale
-        x = torch.randn((b, self.vae.config.z_channels, side, side), generator=generator).to(self.device)
-
-        def guided(x: torch.Tensor, t: int) -> torch.Tensor:
-            out = model(torch.cat([x, x]), torch.full((2 * b,), float(t), device=self.device), condition).float()
-            cond, uncond = out.chunk(2)
-            return predicted_x0(uncond + c.relation_reward_guidance * (cond - uncond), x, self.alphas_cumprod[t],
-                                c.prediction_type)  # fmt: skip
-
-        with torch.no_grad():
-            x = sample_to_step(guided, x, self._reward_timesteps, stop, self.alphas_cumprod)
-        images = self.vae.decode(guided(x, int(self._reward_timesteps[stop])))
-        return relation_reward_loss(images, specs)
+        if not c.grounding_weight:
+            per_sample = self._loss(model, latents, condition, t, noise)
+            return per_sample.mean(), {"latent_std": float(latents.std())}
+        with cross_attention_maps(self.unet) as maps:
+            per_sample = self._loss(model, latents, condition, t, noise)
+        grounding = grounding_loss(maps, batch["boxes"], batch["grounded"], latents.shape[-2:]).mean()
+        loss = per_sample.mean() + c.grounding_weight * grounding
+        return loss, {"latent_std": float(latents.std()), "denoising": float(per_sample.detach().mean()),
+                      "grounding": float(grounding.detach())}  # fmt: skip
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out loss at evenly spaced timesteps with fixed noise: comparable between steps and runs."""
