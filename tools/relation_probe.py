@@ -14,8 +14,8 @@ Also prints how far the text encoder's states move when only the relation word c
 similarity of the true and inverse captions' states at the relation word, the word after it, the
 second object's shape word and the end-of-text token), and the grounding loss of
 `stablediff.train.grounding` with the true and the inverse captions (1 - the share of each object
-word's cross-attention inside the object's box, squared; 0.85 when attention ignores where the
-objects are): attention that follows the relation is better grounded with the true one.
+word's cross-attention inside the object's box, squared; uniform attention gives 0.899 at 8x8,
+tools/grounding_bound.py): attention that follows the relation is better grounded with the true one.
 
 `--decode N`: also train linear probes on the text states of N captions naming both cells: how
 well the relation and each object's colour can be read from the second object's words (present,
