@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -m stablediff generate "a large yellow star in the center on a black background" --seed 1 --steps 20 --out outputs
 
 # Trains a bundled model from nothing and evaluates it: RECIPE=shapes (CPU, under 2 hours on two
-# cores) or RECIPE=shapes-gpu (a CUDA GPU, about 7 minutes on an H100: the model that ships).
+# cores) or RECIPE=shapes-gpu (a CUDA GPU: the model that ships; docs/model-card.md has its phases' times).
 RECIPE  ?= shapes
 bundled-model: setup
 	$(PY) -m stablediff train recipe $(RECIPE) --out runs/$(RECIPE) --package src/stablediff/data/shapes.safetensors

@@ -18,7 +18,8 @@ def test_bundled_model_is_small_and_describes_itself():
     meta = read_metadata(path)
     assert {"stablediff.spec", "stablediff.tokenizer", "stablediff.recipe", "stablediff.stages",
             "stablediff.steps", "stablediff.data_seed", "stablediff.eval"} <= set(meta)  # fmt: skip
-    assert json.loads(meta["stablediff.steps"]) == {"vae": 2600, "text": 1100, "unet": 2700, "finetune": 3600}
+    assert json.loads(meta["stablediff.steps"]) == {"vae": 2600, "text": 1100, "unet": 2700, "finetune": 3600,
+                                                    "relations": 3500}
     assert 'name = "shapes-gpu"' in meta["stablediff.recipe"]
     evaluation = json.loads(meta["stablediff.eval"])
     assert evaluation["judge"]["clean"]["overall"] >= 0.99 and set(evaluation["suites"]) == {"single", "heldout",
@@ -27,7 +28,7 @@ def test_bundled_model_is_small_and_describes_itself():
 
 def test_default_model_generates_what_the_prompt_asks():
     """Prompt 0 of the evaluation's single-object suite, with its seed and settings, which the
-    model gets entirely right (docs/eval/eval.md: 185 of 200 prompts are). A regression test of the
+    model gets entirely right (docs/eval/eval.md: 189 of 200 prompts are). A regression test of the
     whole chain — weights and vocabulary from the package, pipeline, VAE, judge."""
     pipe = load_pipeline()
     assert pipe.spec.default_size == 64 and pipe.tokenizer.vocab_size == 667
@@ -38,3 +39,14 @@ def test_default_model_generates_what_the_prompt_asks():
     assert image.size == (64, 64)
     verdict = judge(image, parse_caption(prompt))
     assert verdict.all_correct, verdict.errors()
+
+
+def test_default_model_places_two_objects_as_the_relation_asks():
+    """Prompt 1 of the evaluation's relation suite with its seed (162 of 200 are entirely right):
+    both objects, and the heart to the right of the circle."""
+    pipe = load_pipeline()
+    prompt = "an orange heart to the right of a red circle on a gray background"
+    params = GenerationParams(prompt, width=64, height=64, steps=20, sampler="dpmpp_2m", schedule="karras",
+                              guidance_scale=7.5, seed=1)  # fmt: skip
+    verdict = judge(pipe.generate(params)[0], parse_caption(prompt))
+    assert verdict.relation and verdict.all_correct, verdict.errors()

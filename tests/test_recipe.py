@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from stablediff import GenerationParams, load_pipeline
+from stablediff.train.captions import inverse_relation_caption
 from stablediff.train.recipe import (
+    _latent_cache,
     _training_seconds,
     evaluate_packaged,
     final_export,
@@ -64,6 +66,16 @@ def test_a_gpu_recipe_finetune_phase_inherits_the_unet_phase(tmp_path):
     assert config.train_text_encoder and (config.steps, config.batch_size, config.lr) == (3600, 64, 2e-4)
     assert config.min_snr_gamma == gpu["unet"]["min_snr_gamma"] and config.ema_decay == gpu["unet"]["ema_decay"]
     assert config.base == str(tmp_path / "unet" / "export" / "model.safetensors")
+
+
+def test_a_gpu_recipe_relations_phase_continues_the_finetune_phase_on_the_pair_cache(tmp_path):
+    gpu, _ = read_recipe("shapes-gpu")
+    config = stage_config(gpu, "relations", tmp_path)
+    assert config.stage == "finetune" and config.out == str(tmp_path / "relations")
+    assert (config.steps, config.batch_size, config.lr, config.high_noise_fraction) == (3500, 512, 3e-4, 0.3)
+    assert config.train_text_encoder and config.ema_decay == gpu["unet"]["ema_decay"] and config.num_workers == 6
+    assert config.base == str(tmp_path / "finetune" / "export" / "model.safetensors")
+    assert config.data == str(tmp_path / "latents-pairs.safetensors")
 
 
 def test_training_time_leaves_out_the_pause_of_a_resumed_run(tmp_path):
@@ -126,24 +138,42 @@ def test_tiny_recipe_trains_every_stage_resumes_and_packages(tmp_path):
     assert image.size == (64, 64)
 
 
-def test_a_finetune_phase_continues_the_unet_phase_and_is_the_packaged_model(tmp_path):
+def test_later_phases_continue_the_phase_before_and_the_last_is_the_packaged_model(tmp_path):
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY + "[finetune]\nsteps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n")
+    path.write_text(TINY.replace("scenes = 32", "scenes = 32\npair_scenes = 8\npair_seed = 11")
+                    + "[finetune]\nsteps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n"
+                    + "[relations]\nsteps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n")
     out = tmp_path / "run"
     recipe, text = read_recipe(path)
     config = stage_config(recipe, "finetune", out)
     assert config.base == str(out / "unet" / "export" / "model.safetensors")
     assert config.data == str(out / "latents.safetensors") and config.batch_size == 4 and config.steps == 2
+    assert stage_config(recipe, "relations", out).base == str(out / "finetune" / "export" / "model.safetensors")
     stages = run_recipe(path, out)
-    assert list(stages) == ["tokenizer", "vae", "text", "unet", "finetune"]
-    assert final_export(stages) == stages["finetune"]["export"] != stages["unet"]["export"]
+    assert list(stages) == ["tokenizer", "vae", "text", "unet", "finetune", "relations"]
+    assert final_export(stages) == stages["relations"]["export"] != stages["finetune"]["export"]
+    scenes, pairs = (json.loads(read_metadata(out / name)["captions"])
+                     for name in ("latents.safetensors", "latents-pairs.safetensors"))
+    assert pairs[:32] == scenes and len(pairs) == 40
+    assert all(inverse_relation_caption(c) for c in pairs[32:])  # the appended scenes all have two objects
     model = package_model(final_export(stages), tmp_path / "model.safetensors", text, stages)
-    assert json.loads(read_metadata(model)["stablediff.steps"]) == {"vae": 3, "text": 3, "unet": 3, "finetune": 2}
-    first, second, shipped = (load_pipeline(p) for p in (stages["unet"]["export"], stages["finetune"]["export"], model))
-    for name in ("unet", "text_encoder"):  # both networks trained on in the second phase, and shipped
-        a, b, c = (getattr(p, name).state_dict() for p in (first, second, shipped))
-        assert any(not torch.equal(a[k], b[k]) for k in a), name
-        assert all(torch.equal(b[k].half().float(), c[k]) for k in b), name
+    assert json.loads(read_metadata(model)["stablediff.steps"]) == {"vae": 3, "text": 3, "unet": 3, "finetune": 2,
+                                                                    "relations": 2}
+    phases = [load_pipeline(stages[name]["export"]) for name in ("unet", "finetune", "relations")]
+    shipped = load_pipeline(model)
+    for name in ("unet", "text_encoder"):  # both networks trained on in each later phase, and shipped
+        a, b, c, d = (getattr(p, name).state_dict() for p in (*phases, shipped))
+        assert any(not torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(b[k], c[k]) for k in b), name
+        assert all(torch.equal(c[k].half().float(), d[k]) for k in c), name
+
+
+def test_a_relations_phase_needs_its_pair_scenes(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY + "[relations]\nsteps = 2\n")
+    recipe, _ = read_recipe(path)
+    assert stage_config(recipe, "relations", tmp_path).base == str(tmp_path / "unet" / "export" / "model.safetensors")
+    with pytest.raises(ValueError, match="must set scenes, pair_scenes and pair_seed"):
+        _latent_cache(recipe, tmp_path, pairs=True)
 
 
 def test_train_recipe_command_packages_an_evaluated_model(tmp_path, capsys):

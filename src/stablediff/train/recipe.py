@@ -2,9 +2,10 @@
 
 A recipe is a TOML file (`src/stablediff/recipes/NAME.toml`): a `[common]` table of TrainConfig
 fields shared by every stage, then one table per stage (`tokenizer`, `vae`, `text`, `unet`), and
-optionally `finetune`: a second U-Net phase that continues the first one's model, with the `unet`
-table's settings except those it sets itself (another batch size or learning rate, or training
-the text encoder too).
+optionally later U-Net phases, each continuing the phase before it with the `unet` table's
+settings except those it sets itself (another batch size or learning rate, or training the text
+encoder too): `finetune`, on the same latent cache, then `relations`, on that cache followed by
+`[latents] pair_scenes` two-object scenes (seed `pair_seed`).
 A recipe may start with `base = "NAME"` (a packaged recipe or a path relative to the file): it
 then inherits every table of that recipe and overrides only the fields it sets (the GPU variant of
 a CPU recipe, say). `run_recipe` trains the stages in that order, each in `OUT/STAGE/`, handing
@@ -38,9 +39,11 @@ from stablediff.weights.io import read_metadata
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER = ("tokenizer", "vae", "text", "unet", "finetune")
-OPTIONAL_STAGES = ("finetune",)
+STAGE_ORDER = ("tokenizer", "vae", "text", "unet", "finetune", "relations")
+OPTIONAL_STAGES = ("finetune", "relations")
+LATER_PHASES = ("finetune", "relations")  # U-Net phases that continue the one before them
 LATENT_CACHE = "latents.safetensors"
+PAIR_CACHE = "latents-pairs.safetensors"  # the [relations] phase's: the scenes, then two-object scenes
 Progress = Callable[[int, int, dict], None]
 
 
@@ -83,18 +86,22 @@ def stage_config(recipe: dict, stage: str, out: Path) -> TrainConfig:
     """The TrainConfig of one stage: common fields, the stage's table, and links to earlier stages."""
     links = {"tokenizer": str(out / "tokenizer" / TOKENIZER_DIR)}
     tables = [recipe.get(stage, {})]
-    if stage in ("unet", "finetune"):
-        if stage == "unet":
-            links.update(vae=str(out / "vae"), text=str(out / "text"))
-        else:  # the first phase's model carries the VAE, the text encoder and the tokenizer
-            links["base"] = str(out / "unet" / EXPORT_DIR / MODEL_FILE)
-            tables.insert(0, recipe.get("unet", {}))
-        if "latents" in recipe:
-            links["data"] = str(out / LATENT_CACHE)
+    if stage == "unet":
+        links.update(vae=str(out / "vae"), text=str(out / "text"))
+    elif stage in LATER_PHASES:  # the phase before's model carries the VAE, the text encoder and the tokenizer
+        links["base"] = str(out / _phase_before(recipe, stage) / EXPORT_DIR / MODEL_FILE)
+        tables.insert(0, recipe.get("unet", {}))
+    if stage in ("unet", *LATER_PHASES) and "latents" in recipe:
+        links["data"] = str(out / (PAIR_CACHE if stage == "relations" else LATENT_CACHE))
     fields = {**recipe.get("common", {}), **(links if stage != "tokenizer" else {})}
     for table in tables:
         fields.update(table)
-    return TrainConfig(stage=stage, out=str(out / stage), **fields)
+    return TrainConfig(stage="finetune" if stage in LATER_PHASES else stage, out=str(out / stage), **fields)
+
+
+def _phase_before(recipe: dict, stage: str) -> str:
+    earlier = STAGE_ORDER[STAGE_ORDER.index("unet") : STAGE_ORDER.index(stage)]
+    return next(name for name in reversed(earlier) if name in recipe)
 
 
 def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: Callable[[str], Progress] | None = None
@@ -111,6 +118,8 @@ def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: 
             raise ValueError(f"recipe lacks a [{stage}] table")
         if stage == "unet" and "latents" in recipe:
             _latent_cache(recipe, out)
+        if stage == "relations":
+            _latent_cache(recipe, out, pairs=True)
         config = stage_config(recipe, stage, out)
         start = time.perf_counter()
         if stage == "tokenizer":
@@ -121,25 +130,35 @@ def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: 
             export = _existing_export(out / stage)
             if export is None:
                 progress = progress_factory(stage) if progress_factory else None
-                export = train(stage, config, resume="auto", progress=progress)
+                export = train(config.stage, config, resume="auto", progress=progress)
         seconds = _training_seconds(out / stage) or (time.perf_counter() - start)
         logger.info("recipe stage %s: %s (%.0f s)", stage, export, seconds)
         done[stage] = {"export": str(export), "seconds": seconds, "config": json.loads(config.to_json())}
     return done
 
 
-def _latent_cache(recipe: dict, out: Path) -> Path:
+def _latent_cache(recipe: dict, out: Path, pairs: bool = False) -> Path:
     """Encode `[latents] scenes` training images once with the trained VAE (the U-Net then trains
-    on posterior samples of the cache instead of running the encoder every step)."""
-    from stablediff.train.latents import encode_latent_cache
-    from stablediff.train.stages.vae import image_text_data, load_vae_export
+    on posterior samples of the cache instead of running the encoder every step); `pairs`: the
+    same scenes followed by `pair_scenes` two-object scenes of seed `pair_seed`."""
+    from torch.utils.data import ConcatDataset
 
-    cache = out / LATENT_CACHE
+    from stablediff.train.latents import encode_latent_cache
+    from stablediff.train.stages.vae import ShapesPairs, image_text_data, load_vae_export
+
+    latents = recipe.get("latents", {})
+    cache = out / (PAIR_CACHE if pairs else LATENT_CACHE)
     if cache.is_file():
         return cache
+    if "scenes" not in latents or pairs and not {"pair_scenes", "pair_seed"} <= latents.keys():
+        needed = "scenes, pair_scenes and pair_seed" if pairs else "scenes"
+        raise ValueError(f"the recipe's [latents] table must set {needed}; it has {sorted(latents)}")
     config = stage_config(recipe, "vae", out)
-    config.shapes_size = int(recipe["latents"]["scenes"])
+    config.shapes_size = int(latents["scenes"])
     images, _ = image_text_data(config, regions=True)  # stored for a U-Net phase with a grounding loss
+    if pairs:
+        images = ConcatDataset([images, ShapesPairs(int(latents["pair_scenes"]), int(latents["pair_seed"]),
+                                                    config.resolution, regions=True, n_objects=2)])  # fmt: skip
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer would run too
     encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR, device), cache, batch_size=64, device=device)
@@ -149,7 +168,7 @@ def _latent_cache(recipe: dict, out: Path) -> Path:
 
 def final_export(stages: dict) -> str:
     """The finished model of a `run_recipe` result: the last U-Net phase's export."""
-    return stages["finetune" if "finetune" in stages else "unet"]["export"]
+    return stages[next(name for name in reversed(STAGE_ORDER) if name in stages)]["export"]
 
 
 def _training_seconds(run: Path) -> float | None:

@@ -75,10 +75,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 # Data shared by the image stages (vae, text)
 class ShapesPairs(Dataset):
     """`ShapesDataset` items as (image [3, S, S] in [-1, 1], caption): what `CaptionedFolder` gives;
-    with `regions`, (image, caption, the caption's grounding regions: `caption_regions`)."""
+    with `regions`, (image, caption, the caption's grounding regions: `caption_regions`).
+    `n_objects`: 1, 2 or None (either)."""
 
-    def __init__(self, n: int, seed: int, size: int, split: str = "train", regions: bool = False):
-        self.shapes, self.regions = ShapesDataset(n, seed, split, size), regions
+    def __init__(self, n: int, seed: int, size: int, split: str = "train", regions: bool = False,
+                 n_objects: int | None = None):
+        self.shapes, self.regions = ShapesDataset(n, seed, split, size, n_objects=n_objects), regions
 
     def __len__(self) -> int:
         return len(self.shapes)
