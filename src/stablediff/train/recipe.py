@@ -40,8 +40,7 @@ from stablediff.weights.io import read_metadata
 logger = logging.getLogger(__name__)
 
 STAGE_ORDER = ("tokenizer", "vae", "text", "unet", "finetune", "relations")
-OPTIONAL_STAGES = ("finetune", "relations")
-LATER_PHASES = ("finetune", "relations")  # U-Net phases that continue the one before them
+LATER_PHASES = ("finetune", "relations")  # optional U-Net phases that continue the one before them
 LATENT_CACHE = "latents.safetensors"
 PAIR_CACHE = "latents-pairs.safetensors"  # the [relations] phase's: the scenes, then two-object scenes
 Progress = Callable[[int, int, dict], None]
@@ -113,7 +112,7 @@ def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: 
     done: dict[str, dict] = {}
     for stage in STAGE_ORDER:
         if stage not in recipe:
-            if stage in OPTIONAL_STAGES:
+            if stage in LATER_PHASES:
                 continue
             raise ValueError(f"recipe lacks a [{stage}] table")
         if stage == "unet" and "latents" in recipe:
