@@ -48,6 +48,18 @@ def measured(fn, device: torch.device) -> tuple[float, int, list]:
     return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0, images
 
 
+def load_both(folder: Path, device: torch.device, dtype: torch.dtype):
+    """Our pipeline and diffusers' StableDiffusionPipeline (DPM++ 2M, Karras sigmas) from one diffusers folder."""
+    import diffusers
+
+    ours = load_pipeline(folder, device=device, dtype=dtype)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                            requires_safety_checker=False).to(device)  # fmt: skip
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True)
+    ref.set_progress_bar_config(disable=True)
+    return ours, ref
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sd15")
@@ -63,11 +75,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         folder = save(load_pipeline(args.preset, seed=0), Path(tmp) / "model", layout="diffusers", dtype=dtype)
-        ours = load_pipeline(folder, device=device, dtype=dtype)
-        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
-                                                                requires_safety_checker=False).to(device)  # fmt: skip
-    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True)
-    ref.set_progress_bar_config(disable=True)
+        ours, ref = load_both(folder, device, dtype)
     setup_s = time.perf_counter() - t0
 
     def run_ours(batch: int):
