@@ -8,7 +8,7 @@ import json
 from stablediff import GenerationParams, load_pipeline
 from stablediff.eval import judge
 from stablediff.loading import bundled_model_path
-from stablediff.train.captions import parse_caption
+from stablediff.shapes import parse_caption
 from stablediff.weights.io import read_metadata
 
 

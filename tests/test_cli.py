@@ -60,6 +60,41 @@ def test_same_seed_same_pixels_twice():
     assert not np.array_equal(np.asarray(first), np.asarray(other))
 
 
+def test_default_size_is_the_models_own(tmp_path, capsys):
+    """Without a width/height the API and the command line both draw at the model's own size (64 for
+    `tiny`) and record that size; an explicit size wins."""
+    pipe = load_pipeline("tiny")
+    params = GenerationParams("a red circle", steps=2)
+    assert (params.width, params.height) == (None, None)
+    image = pipe.generate(params)[0]
+    used = pipe.resolve_params(params)
+    assert image.size == (64, 64) == (used.width, used.height) == (pipe.spec.default_size,) * 2
+    assert "Size: 64x64" in used.to_a1111() and used.to_json_dict()["width"] == 64
+    assert (params.width, params.height) == (None, None)  # the caller's params are not changed
+
+    code, out, _ = run(capsys, "generate", "a red circle", "--steps", "2", "--seed", "0", "--model", "tiny",
+                       "--out", str(tmp_path / "cli"))  # fmt: skip
+    assert code == 0
+    meta = read_png_metadata(out.strip())
+    assert Image.open(out.strip()).size == (64, 64) and "Size: 64x64" in meta["parameters"]
+    assert (meta["stablediff"]["params"]["width"], meta["stablediff"]["params"]["height"]) == (64, 64)
+    assert np.array_equal(pixels(out.strip()), np.asarray(image))  # the same image as the API's
+
+    assert pipe.generate(GenerationParams("a red circle", width=48, height=32, steps=2))[0].size == (48, 32)
+    assert pipe.generate(GenerationParams("a red circle", width=48, steps=2))[0].size == (48, 64)
+    code, out, _ = run(capsys, "generate", "a red circle", "--steps", "2", "--width", "32", "--model", "tiny",
+                       "--out", str(tmp_path / "cli"))  # fmt: skip
+    assert code == 0 and Image.open(out.strip()).size == (32, 64)
+    assert "Size: 32x64" in read_png_metadata(out.strip())["parameters"]
+
+
+def test_img2img_default_size_is_the_models_not_the_init_images():
+    pipe = load_pipeline("tiny")
+    init = Image.new("RGB", (32, 48), "red")
+    assert pipe.generate(GenerationParams("x", steps=2, init_image=init))[0].size == (64, 64)
+    assert pipe.generate(GenerationParams("x", steps=2, init_image=init, width=40, height=24))[0].size == (40, 24)
+
+
 def test_never_overwrites(tmp_path, capsys):
     out_dir = tmp_path / "o"
     for _ in range(2):
@@ -205,7 +240,7 @@ def test_train_commands_end_to_end(tmp_path, capsys):
 
 
 def test_train_strict_stops_at_a_bad_file(tmp_path, capsys):
-    from stablediff.train.shapes import write_shapes_folder
+    from stablediff.shapes import write_shapes_folder
 
     folder = write_shapes_folder(tmp_path / "data", 6, seed=1)
     (folder / "zz-broken.png").write_bytes(b"not an image at all")

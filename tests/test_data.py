@@ -13,9 +13,8 @@ from PIL import Image
 
 from stablediff.image import image_to_tensor
 from stablediff.models.vae import AutoencoderKL, VAEConfig
-from stablediff.train.data import CaptionedFolder
-from stablediff.train.latents import LatentCacheDataset, encode_latent_cache
-from stablediff.train.shapes import ShapesDataset
+from stablediff.shapes import ShapesDataset
+from stablediff.train.data import CaptionedFolder, LatentCacheDataset, encode_latent_cache
 from stablediff.weights.io import write_safetensors
 
 
@@ -119,7 +118,7 @@ def _bad_files(folder) -> dict[str, str]:
 def test_bad_files_are_skipped_counted_and_logged(tmp_path, caplog):
     _good_folder(tmp_path, 2)
     expected = _bad_files(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="stablediff.train.data"):
+    with caplog.at_level(logging.WARNING, logger="stablediff.train.data.folder"):
         ds = CaptionedFolder(tmp_path, size=8)
     assert len(ds) == 2
     got = {path.stem: reason for path, reason in ds.skipped}

@@ -12,12 +12,13 @@ import torch
 from stablediff.models.unet import UNetModel
 from stablediff.nn import attention, attention_with_maps, randomize_
 from stablediff.presets import PRESETS
+from stablediff.seeds import derive_seed
+from stablediff.shapes import Placement, Scene, ShapeObject, ShapesDataset, caption_regions, layout
+from stablediff.shapes.captions import object_word_spans
 from stablediff.tokenizer import CLIPTokenizer
-from stablediff.train.captions import caption_regions, object_word_spans
 from stablediff.train.config import TrainConfig
+from stablediff.train.data import LatentCacheDataset, encode_latent_cache
 from stablediff.train.grounding import box_masks, cross_attention_maps, grounding_loss, token_boxes
-from stablediff.train.latents import LatentCacheDataset, encode_latent_cache
-from stablediff.train.shapes import Placement, Scene, ShapeObject, ShapesDataset, item_seed, layout
 
 TOKENIZER = CLIPTokenizer.default()
 
@@ -51,7 +52,7 @@ def test_caption_regions_box_each_object_where_it_was_drawn():
 def test_shapes_dataset_placements_are_those_of_its_images():
     ds = ShapesDataset(3, seed=5)
     for i in range(3):
-        expected = layout(ds.scene(i), 64, random.Random(item_seed(5, "train", i, "jitter")))
+        expected = layout(ds.scene(i), 64, random.Random(derive_seed(5, "train", i, "jitter")))
         assert ds.placements(i) == expected and all(isinstance(p, Placement) for p in expected)
 
 
@@ -131,7 +132,8 @@ def test_grounding_loss_against_hand_computed_values():
 
 def test_latent_cache_stores_regions(tmp_path):
     from stablediff.models.vae import AutoencoderKL
-    from stablediff.train.stages.vae import VAE_SIZES, ShapesPairs
+    from stablediff.train.data import ShapesPairs
+    from stablediff.train.stages.vae import VAE_SIZES
 
     vae = AutoencoderKL(VAE_SIZES["tiny"])
     pairs = ShapesPairs(3, 0, 32, regions=True)
@@ -166,8 +168,8 @@ def test_grounding_needs_data_with_regions(tmp_path):
 
 
 def test_unet_stage_trains_with_the_grounding_loss(tmp_path):
+    from stablediff.train.data import CaptionDropout
     from stablediff.train.stages.unet import UNetStage
-    from stablediff.train.stages.unet_parts import CaptionDropout
 
     config = TrainConfig(stage="unet", data="shapes", out=str(tmp_path), shapes_size=8, resolution=32, batch_size=4,
                          eval_size=4, caption_dropout=0.5, grounding_weight=0.5, seed=3)  # fmt: skip

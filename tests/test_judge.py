@@ -26,8 +26,7 @@ from stablediff.eval import (
     write_report,
     write_sweep,
 )
-from stablediff.train.captions import SceneSpec, parse_caption
-from stablediff.train.shapes import CELLS, COLORS, SIZES, Scene, ShapeObject, render, true_relations
+from stablediff.shapes import CELLS, COLORS, SIZES, Scene, SceneSpec, ShapeObject, parse_caption, render, true_relations
 
 N_VALIDATE = 300  # the default of evaluate(judge_n=...), so its validation is served from the cache
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stablediff.loading import load_pipeline, save
+from stablediff.diffusion import ScheduleConfig
+from stablediff.loading import SPEC_METADATA_KEY, bundled_model_path, load_pipeline, save
 from stablediff.models.clip import CLIPTextModel
 from stablediff.models.unet import UNetModel
 from stablediff.models.vae import AutoencoderKL
-from stablediff.presets import PRESETS, infer_spec
+from stablediff.presets import PRESETS, ModelSpec, infer_spec
 from stablediff.weights import convert
+from stablediff.weights.io import read_metadata
 
 
 def _assert_same_weights(a, b) -> None:
@@ -149,3 +154,44 @@ def test_trained_tokenizer_travels_in_metadata(tmp_path):
     assert back.tokenizer.encoder == vocab and back.tokenizer.merges == pipe.tokenizer.merges
     assert back.tokenizer("a red circle") == pipe.tokenizer("a red circle")
     assert not back.tokenizer.is_default_vocabulary() and load_pipeline("tiny").tokenizer.is_default_vocabulary()
+
+
+_LEGACY_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+_LINEAR = ScheduleConfig(num_train_timesteps=500, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+
+
+def test_spec_json_nests_the_schedule_and_reads_the_legacy_flat_form():
+    spec = dataclasses.replace(PRESETS["tiny-sd2"], schedule=_LINEAR)
+    stored = json.loads(spec.to_json())
+    assert stored["schedule"]["beta_schedule"] == "linear" and not set(_LEGACY_KEYS) & set(stored)
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    # specs written before `schedule` existed (the bundled model's among them) store it flat
+    legacy = {k: v for k, v in stored.items() if k != "schedule"}
+    legacy.update({k: stored["schedule"][k] for k in _LEGACY_KEYS})
+    assert ModelSpec.from_json(json.dumps(legacy)) == spec
+    with pytest.raises(ValueError, match="both a 'schedule' and the flat schedule keys"):
+        ModelSpec.from_json(json.dumps({**stored, "beta_end": 0.02}))
+    with pytest.raises(ValueError, match=r"prediction_type 'eps' not in \('epsilon', 'v_prediction', 'sample'\)"):
+        dataclasses.replace(spec, prediction_type="eps")  # specs store diffusers' names
+    bundled = json.loads(read_metadata(bundled_model_path())[SPEC_METADATA_KEY])
+    assert "schedule" not in bundled and set(_LEGACY_KEYS) <= set(bundled)
+    assert ModelSpec.from_json(json.dumps(bundled)).schedule == ScheduleConfig()
+
+
+def test_diffusers_scheduler_config_carries_the_schedule(tmp_path):
+    pipe = load_pipeline("tiny")
+    folder = save(pipe, tmp_path / "default", layout="diffusers")
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == {
+        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+    }  # fmt: skip
+    # a folder without our metadata: the schedule and prediction type come from scheduler_config.json
+    pipe.spec = dataclasses.replace(pipe.spec, schedule=_LINEAR, prediction_type="v_prediction")
+    folder = save(pipe, tmp_path / "linear", layout="diffusers")
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(unet_file), unet_file)
+    back = load_pipeline(folder)
+    assert back.spec.name == "diffusers:linear" and back.spec.schedule == _LINEAR
+    assert back.spec.prediction_type == "v_prediction"
+    assert load_pipeline(folder, prediction_type="epsilon").spec.prediction_type == "epsilon"

@@ -21,8 +21,25 @@ def check(**fields):
 def test_defaults_are_valid():
     params = GenerationParams("a cat")
     assert params.validate(SAMPLERS) is params
-    assert (params.width, params.height, params.steps, params.sampler, params.clip_skip) == (512, 512, 20,
+    assert (params.width, params.height, params.steps, params.sampler, params.clip_skip) == (None, None, 20,
                                                                                               "dpmpp_2m", 1)
+
+
+def test_size_none_is_the_models_own():
+    """A width/height of None means the model's own size: valid, filled in by `with_default_size`,
+    left out of A1111 text and kept as null in JSON; a stored size is kept."""
+    params = GenerationParams("a cat", height=256)
+    assert params.validate(SAMPLERS) is params
+    sized = params.with_default_size(64)
+    assert (sized.width, sized.height) == (64, 256) and params.width is None
+    assert sized.with_default_size(8) is sized
+    assert "Size:" not in params.to_a1111() and "Size: 64x256" in sized.to_a1111()
+    assert GenerationParams.from_json_dict(params.to_json_dict()) == params
+    back = GenerationParams.from_a1111(params.to_a1111())
+    assert (back.width, back.height) == (None, None)
+    back = GenerationParams.from_a1111(sized.to_a1111())
+    assert (back.width, back.height) == (64, 256)
+    assert GenerationParams.from_json_dict(json.loads(json.dumps(sized.to_json_dict()))) == sized
 
 
 def test_default_sampler_list_is_the_registry():
@@ -109,8 +126,8 @@ def test_json_rejects_unknown_keys():
 
 
 def test_a1111_text_format():
-    params = GenerationParams("a cat, sitting", negative_prompt="blurry", steps=20, sampler="dpmpp_2m",
-                              schedule="karras", guidance_scale=7.5, seed=1, clip_skip=2)
+    params = GenerationParams("a cat, sitting", negative_prompt="blurry", width=512, height=512, steps=20,
+                              sampler="dpmpp_2m", schedule="karras", guidance_scale=7.5, seed=1, clip_skip=2)
     text = params.to_a1111(model_hash="6ce0161689", model_name="v1-5-pruned-emaonly")
     lines = text.split("\n")
     assert lines[:2] == ["a cat, sitting", "Negative prompt: blurry"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stablediff import GenerationParams, load_pipeline
-from stablediff.train.captions import inverse_relation_caption
+from stablediff.shapes import inverse_relation_caption
 from stablediff.train.recipe import (
     _latent_cache,
     _training_seconds,
@@ -140,9 +140,10 @@ def test_tiny_recipe_trains_every_stage_resumes_and_packages(tmp_path):
 
 def test_later_phases_continue_the_phase_before_and_the_last_is_the_packaged_model(tmp_path):
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.replace("scenes = 32", "scenes = 32\npair_scenes = 8\npair_seed = 11")
-                    + "[finetune]\nsteps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n"
-                    + "[relations]\nsteps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n")
+    phase = "steps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n"
+    path.write_text(TINY + "[latents.pairs]\nextra_scenes = 8\nobjects = 2\nseed = 11\n"
+                    + '[finetune]\ncontinues = "unet"\n' + phase
+                    + '[relations]\ncontinues = "finetune"\ncache = "pairs"\n' + phase)
     out = tmp_path / "run"
     recipe, text = read_recipe(path)
     config = stage_config(recipe, "finetune", out)
@@ -167,13 +168,21 @@ def test_later_phases_continue_the_phase_before_and_the_last_is_the_packaged_mod
         assert all(torch.equal(c[k].half().float(), d[k]) for k in c), name
 
 
-def test_a_relations_phase_needs_its_pair_scenes(tmp_path):
+def test_a_phase_continues_an_earlier_phase_on_a_described_cache(tmp_path):
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY + "[relations]\nsteps = 2\n")
+    path.write_text(TINY + '[relations]\ncontinues = "unet"\nsteps = 2\n')
     recipe, _ = read_recipe(path)
     assert stage_config(recipe, "relations", tmp_path).base == str(tmp_path / "unet" / "export" / "model.safetensors")
-    with pytest.raises(ValueError, match="must set scenes, pair_scenes and pair_seed"):
-        _latent_cache(recipe, tmp_path, pairs=True)
+    path.write_text(TINY + '[latents.pairs]\nextra_scenes = 8\n[relations]\ncontinues = "unet"\ncache = "pairs"\n')
+    recipe, _ = read_recipe(path)
+    with pytest.raises(ValueError, match="must set pairs.objects, pairs.seed"):
+        _latent_cache(recipe, tmp_path, "pairs")
+    path.write_text(TINY + '[relations]\ncontinues = "unet"\ncache = "pairs"\n')
+    with pytest.raises(ValueError, match=r"no \[latents.pairs\]"):
+        read_recipe(path)
+    path.write_text(TINY + '[relations]\ncontinues = "finetune"\n')
+    with pytest.raises(ValueError, match="continues 'finetune', which is not 'unet' or a phase before it"):
+        read_recipe(path)
 
 
 def test_train_recipe_command_packages_an_evaluated_model(tmp_path, capsys):

@@ -20,7 +20,7 @@ from stablediff.diffusion import (
     sampling_plan,
     spaced_timesteps,
 )
-from stablediff.diffusion.denoiser import canonical_prediction_type
+from stablediff.diffusion.denoiser import PREDICTION_TYPES, SCALINGS, canonical_prediction_type
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers 0.42 calls np.array(tensor, copy=False) internally
@@ -215,3 +215,12 @@ def test_bad_names_list_valid_choices() -> None:
         canonical_prediction_type("flow")
     with pytest.raises(ValueError, match="exceed"):
         sampling_plan("ddpm", NoiseSchedule(), 1000)
+
+
+def test_one_list_of_prediction_types():
+    """PREDICTION_TYPES: the stored (diffusers) names, each mapped to the short name of its scaling."""
+    assert tuple(PREDICTION_TYPES) == ("epsilon", "v_prediction", "sample")
+    for stored, short in PREDICTION_TYPES.items():
+        assert canonical_prediction_type(stored) == canonical_prediction_type(short) == short
+        assert SCALINGS[short].prediction_type == short
+    assert set(SCALINGS) == set(PREDICTION_TYPES.values())

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from stablediff.image import image_to_tensor
-from stablediff.train import captions as cap
-from stablediff.train.data import CaptionedFolder
-from stablediff.train.shapes import (
+from stablediff.shapes import (
     BACKGROUNDS,
     CELL_ROWCOL,
     CELLS,
@@ -38,6 +36,8 @@ from stablediff.train.shapes import (
     true_relations,
     write_shapes_folder,
 )
+from stablediff.shapes import captions as cap
+from stablediff.train.data import CaptionedFolder
 
 
 def _scenes(n: int, seed: int = 0, split: str = "train") -> list[Scene]:

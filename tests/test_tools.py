@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
@@ -32,13 +30,12 @@ def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
     """The bundled model's text encoder written as a text stage export: the same similarities and
     linear probes."""
     from stablediff import load_pipeline
-    from stablediff.train.stages.text import CONFIG_KEY, TEXT_FILE
-    from stablediff.train.stages.tokenizer import TOKENIZER_DIR
+    from stablediff.train.exports import TEXT_PART, TOKENIZER_DIR
     from stablediff.weights.io import write_safetensors
 
     pipe = load_pipeline()
-    write_safetensors(pipe.text_encoder.state_dict(), tmp_path / TEXT_FILE,
-                      {CONFIG_KEY: json.dumps(pipe.text_encoder.config.to_dict())})  # fmt: skip
+    write_safetensors(pipe.text_encoder.state_dict(), tmp_path / TEXT_PART.file,
+                      {TEXT_PART.config_key: json.dumps(pipe.text_encoder.config.to_dict())})  # fmt: skip
     pipe.tokenizer.save(tmp_path / TOKENIZER_DIR)
     outputs = []
     for extra in ([], ["--text", str(tmp_path)]):
@@ -52,27 +49,6 @@ def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
     # The second object's shape word follows its colour word: its colour is there (chance: 12.5%).
     shape_word = next(line for line in outputs[0] if line.startswith("decodable from the second object's shape"))
     assert float(shape_word.split("second object's colour ")[1]) > 50, shape_word
-
-
-def test_pair_cache_writes_two_object_scenes_after_an_existing_cache(tmp_path):
-    from stablediff.train.captions import parse_caption
-    from stablediff.weights.io import read_metadata, read_state_dict
-
-    def run(*args):
-        command = [sys.executable, str(TOOLS / "pair_cache.py"), *args]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    first_file, both_file = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
-    run("--out", first_file, "--n", "3", "--cell-rate", "1")
-    run("--out", both_file, "--n", "2", "--seed", "5", "--append", first_file)
-    first, both = read_state_dict(first_file), read_state_dict(both_file)
-    assert both["mean"].shape == (5, 4, 16, 16) and torch.equal(both["mean"][:3], first["mean"])
-    captions = json.loads(read_metadata(both_file)["captions"])
-    specs = [parse_caption(text) for text in captions]
-    assert len(specs) == 5 and all(len(s.objects) == 2 for s in specs)
-    assert all(o.cell is not None for s in specs[:3] for o in s.objects)  # cell rate 1: every cell named
 
 
 def test_grounding_bound_knowing_the_relation_lowers_the_loss():

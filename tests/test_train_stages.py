@@ -9,13 +9,15 @@ from collections import Counter
 import pytest
 import torch
 
+from stablediff.shapes import ShapesDataset, shapes_captions, write_shapes_folder
 from stablediff.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer
 from stablediff.train.bpe import MIN_VOCAB_SIZE, count_words, learn_merges, pre_tokenize, train_bpe, word_symbols
 from stablediff.train.config import TrainConfig
-from stablediff.train.shapes import ShapesDataset, write_shapes_folder
-from stablediff.train.stages.text import TextStage, load_text_export
-from stablediff.train.stages.tokenizer import TokenizerStage, caption_corpus, shapes_captions
-from stablediff.train.stages.vae import VAEStage, image_text_data, load_vae_export
+from stablediff.train.data import caption_corpus, image_text_data
+from stablediff.train.exports import TEXT_PART, VAE_PART, load_tokenizer, read_part
+from stablediff.train.stages.text import TextStage
+from stablediff.train.stages.tokenizer import TokenizerStage
+from stablediff.train.stages.vae import VAEStage
 
 CPU = torch.device("cpu")
 
@@ -154,7 +156,7 @@ def test_vae_stage_learns_and_exports(tmp_path):
     assert (tmp_path / "sample.png").stat().st_size > 0
     path = stage.export(stage.trainable(), tmp_path)
     assert path == tmp_path / "vae.safetensors"
-    vae = load_vae_export(tmp_path)
+    vae = read_part(VAE_PART, tmp_path)
     original = stage.trainable()["vae"].state_dict()
     assert vae.state_dict().keys() == original.keys()
     assert all(torch.equal(vae.state_dict()[k], original[k]) for k in original)
@@ -211,7 +213,7 @@ def test_text_stage_learns_evaluates_and_exports(tmp_path):
     stage.sample(stage.trainable(), tmp_path / "sims.png")
     path = stage.export(stage.trainable(), tmp_path / "export")
     assert path.name == "text_encoder.safetensors"
-    model, tok = load_text_export(tmp_path / "export")
+    model, tok = read_part(TEXT_PART, tmp_path / "export"), load_tokenizer(tmp_path / "export")
     original = stage.trainable()["text"].state_dict()
     assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)
     assert model.config == stage.text_config and tok.encoder == stage.tokenizer.encoder
@@ -256,7 +258,7 @@ def test_hard_negatives_are_extra_image_to_text_columns():
 
 
 def test_text_stage_with_hard_negatives_trains_and_reports_relation_accuracy(tmp_path):
-    from stablediff.train.captions import inverse_relation_caption
+    from stablediff.shapes import inverse_relation_caption
 
     config = TrainConfig(stage="text", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=16,
                          batch_size=8, hard_negatives=True)  # fmt: skip

@@ -14,9 +14,9 @@ import torch
 from stablediff.loading import load_pipeline, save
 from stablediff.params import GenerationParams
 from stablediff.train.config import TrainConfig
-from stablediff.train.latents import encode_latent_cache
-from stablediff.train.stages.unet import TRAIN_CONFIG_KEY, FinetuneStage, UNetStage, draw_timesteps
-from stablediff.train.stages.unet_parts import frozen_parts
+from stablediff.train.data import encode_latent_cache
+from stablediff.train.exports import TEXT_PART, TRAIN_CONFIG_KEY, VAE_PART, frozen_parts
+from stablediff.train.stages.unet import FinetuneStage, UNetStage, draw_timesteps
 from stablediff.train.trainer import train
 from stablediff.weights.io import read_metadata, read_state_dict, write_safetensors
 
@@ -139,7 +139,8 @@ def test_bad_data_is_a_clear_error_and_writes_nothing(tmp_path):
 
 
 def test_latent_cache_data_and_a_cache_of_another_vae(tmp_path):
-    from stablediff.train.stages.vae import VAE_SIZES, ShapesPairs
+    from stablediff.train.data import ShapesPairs
+    from stablediff.train.stages.vae import VAE_SIZES
 
     config = unet_config(tmp_path / "run", data=str(tmp_path / "cache.safetensors"), eval_size=1, steps=2,
                          caption_dropout=0.0)  # fmt: skip
@@ -162,18 +163,17 @@ def test_trained_vae_and_text_exports_are_picked_up(tmp_path):
     from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
     from stablediff.models.vae import AutoencoderKL, VAEConfig
     from stablediff.tokenizer import CLIPTokenizer
-    from stablediff.train.stages import text, vae
 
     vae_cfg = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, z_channels=3, scaling_factor=0.7)
     export = tmp_path / "vae_run" / "export"
     export.mkdir(parents=True)
-    write_safetensors(AutoencoderKL(vae_cfg).state_dict(), export / vae.VAE_FILE,
-                      {vae.CONFIG_KEY: json.dumps(vae_cfg.to_dict())})  # fmt: skip
+    write_safetensors(AutoencoderKL(vae_cfg).state_dict(), export / VAE_PART.file,
+                      {VAE_PART.config_key: json.dumps(vae_cfg.to_dict())})  # fmt: skip
     text_cfg = CLIPTextConfig(width=24, layers=2, heads=2)
     export = tmp_path / "text_run" / "export"
     export.mkdir(parents=True)
-    write_safetensors(CLIPTextModel(text_cfg).state_dict(), export / text.TEXT_FILE,
-                      {text.CONFIG_KEY: json.dumps(text_cfg.to_dict())})  # fmt: skip
+    write_safetensors(CLIPTextModel(text_cfg).state_dict(), export / TEXT_PART.file,
+                      {TEXT_PART.config_key: json.dumps(text_cfg.to_dict())})  # fmt: skip
     CLIPTokenizer.default().save(export / "tokenizer")
     stage = UNetStage(unet_config(tmp_path / "run", vae=str(tmp_path / "vae_run"), text=str(tmp_path / "text_run")),
                       CPU)  # fmt: skip

@@ -18,8 +18,8 @@ import random
 
 import torch
 
+from stablediff.shapes import INVERSE_RELATION, layout, sample_scene
 from stablediff.train.grounding import box_masks
-from stablediff.train.shapes import INVERSE_RELATION, layout, sample_scene
 
 
 def grounding(attention: torch.Tensor, masks: torch.Tensor) -> float:

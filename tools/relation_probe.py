@@ -40,10 +40,19 @@ import torch.nn.functional as F
 from stablediff import GenerationParams, load_pipeline
 from stablediff.eval import evaluate
 from stablediff.image import image_to_tensor
-from stablediff.train.captions import CELL_PHRASES, ObjectSpec, SceneSpec, canonical_caption, caption_regions
+from stablediff.shapes import (
+    INVERSE_RELATION,
+    ObjectSpec,
+    SceneSpec,
+    canonical_caption,
+    caption_regions,
+    layout,
+    render,
+    sample_scene,
+)
+from stablediff.shapes.captions import CELL_PHRASES
+from stablediff.train.exports import TEXT_PART, load_tokenizer, read_part
 from stablediff.train.grounding import cross_attention_maps, grounding_loss, token_boxes
-from stablediff.train.shapes import INVERSE_RELATION, layout, render, sample_scene
-from stablediff.train.stages.text import load_text_export
 from stablediff.weights.io import read_state_dict
 
 TIMESTEPS = (950, 850, 750, 600, 400, 200)
@@ -87,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     pipe = load(args.model, args.checkpoint)
     if args.text:  # its U-Net partner does not exist yet: the text states are all there is to probe
-        pipe.text_encoder, pipe.tokenizer = load_text_export(args.text)
+        pipe.text_encoder, pipe.tokenizer = read_part(TEXT_PART, args.text), load_tokenizer(args.text)
     rng = random.Random(args.seed)
     scenes = [sample_scene(rng, "train", n_objects=2) for _ in range(args.n)]
     jitter_seeds = [rng.randrange(2**32) for _ in scenes]

@@ -18,8 +18,7 @@ import torch
 from stablediff import load_pipeline
 from stablediff.eval import judge
 from stablediff.image import image_to_tensor, tensor_to_images
-from stablediff.train.captions import SceneSpec
-from stablediff.train.shapes import SPLITS, render, sample_scene
+from stablediff.shapes import SPLITS, SceneSpec, render, sample_scene
 
 
 def main() -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from stablediff import __version__
-from stablediff.diffusion import SAMPLERS
+from stablediff.diffusion import PREDICTION_TYPES, SAMPLERS
 from stablediff.image import read_png_metadata, save_png, unique_path
 from stablediff.loading import LAYOUTS, default_model, load_pipeline, model_hash, save
 from stablediff.params import SCHEDULES, GenerationParams
+from stablediff.train.stages import STAGES, get_stage
+from stablediff.version import __version__
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating weights")
     conv.add_argument("--no-ema", dest="use_ema", action="store_false",
                       help="keep the trained U-Net weights even when an EMA copy exists")  # fmt: skip
-    conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None)
+    conv.add_argument("--prediction-type", choices=tuple(PREDICTION_TYPES), default=None)
     conv.add_argument("--overwrite", action="store_true")
     data = sub.add_parser("dataset", help="write a training data set")
     kinds = data.add_subparsers(dest="kind", required=True)
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
              "stablediff/train/config.py). Under torchrun the same command trains on several processes.")
     tr = sub.add_parser("train", help="train a part from scratch, fine-tune, or run a whole recipe", description=usage,
                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    tr.add_argument("stage", choices=("tokenizer", "vae", "text", "unet", "finetune", "recipe"))
+    tr.add_argument("stage", choices=(*STAGES, "recipe"))
     tr.add_argument("recipe", nargs="?", default=None, help="recipe: a packaged recipe name or a .toml file")
     tr.add_argument("--data", default=None, help="captioned image folder, latent cache, or 'shapes'")
     tr.add_argument("--out", required=True, help="the run folder")
@@ -164,11 +165,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
-    GenerationParams(**{"width": 64, "height": 64, **values}).validate()  # fail before loading the model
+    GenerationParams(**values).validate()  # fail before loading the model
     pipe = load_pipeline(model, device=args.device, dtype=DTYPES[args.dtype])
-    # Without --width/--height, the model's own image size (512 for SD 1.x, 64 for the bundled model).
-    size = pipe.spec.default_size
-    params = GenerationParams(**{"width": size, "height": size, **values}).validate()
+    # Without --width/--height, the model's own image size (512 for SD 1.x, 64 for the bundled model):
+    # the size the pipeline uses, recorded in the PNGs.
+    params = pipe.resolve_params(GenerationParams(**values)).validate()
     if params.width % (pipe.spec.vae.downscale) or params.height % pipe.spec.vae.downscale:
         raise ValueError(f"width and height must be multiples of {pipe.spec.vae.downscale} for this model")
     existing = next(p for p in (out, *out.parents) if p.exists())  # checked now, created after sampling
@@ -222,7 +223,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from stablediff.train.shapes import write_shapes_folder
+    from stablediff.shapes import write_shapes_folder
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -244,8 +245,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     def make_generate(sampler: str, steps: int, guidance: float):
         def generate(prompt: str, seed: int):
-            params = GenerationParams(prompt, width=size, height=size, steps=steps, sampler=sampler,
-                                      schedule=args.schedule, guidance_scale=guidance, seed=seed)  # fmt: skip
+            # no width/height: the model's own size
+            params = GenerationParams(prompt, steps=steps, sampler=sampler, schedule=args.schedule,
+                                      guidance_scale=guidance, seed=seed)  # fmt: skip
             return pipe.generate(params)[0]
 
         return generate
@@ -309,8 +311,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(f"--data {args.data} does not exist")
     config = apply_overrides(TrainConfig(stage=args.stage, data=args.data, out=args.out), overrides)
     if args.stage == "tokenizer":
-        from stablediff.train.stages import get_stage
-
         print(get_stage("tokenizer")(config).fit(args.out))
         return 0
     from stablediff.train.trainer import train

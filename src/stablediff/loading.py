@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from stablediff import __version__
+from stablediff.diffusion.schedules import ScheduleConfig
 from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
 from stablediff.models.unet import UNetConfig, UNetModel
 from stablediff.models.vae import AutoencoderKL, VAEConfig
@@ -26,6 +27,7 @@ from stablediff.nn import randomize_
 from stablediff.pipeline import StableDiffusion
 from stablediff.presets import PRESETS, ModelSpec, get_preset, spec_from_parts
 from stablediff.tokenizer import CLIPTokenizer
+from stablediff.version import __version__
 from stablediff.weights import convert
 from stablediff.weights.io import CheckpointError, read_metadata, read_state_dict, write_safetensors
 from stablediff.weights.strict import load_strict
@@ -81,7 +83,7 @@ def load_pipeline(
     if path.exists():
         pipe.source = str(path.resolve())
     if prediction_type is not None:
-        pipe.spec = ModelSpec(**{**vars(pipe.spec), "prediction_type": prediction_type})
+        pipe.spec = replace(pipe.spec, prediction_type=prediction_type)
     return pipe
 
 
@@ -197,23 +199,45 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
     text_cfg = CLIPTextConfig(**convert.text_config_from_transformers(text_json))
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(scheduler_path) if scheduler_path.is_file() else {}
-    fields = dict(
-        name=f"diffusers:{folder.name}",
-        unet=UNetConfig(**convert.unet_config_from_diffusers(unet_json)),
-        vae=vae_cfg,
-        text_format="openclip" if text_cfg.activation == "gelu" else "openai",
-        prediction_type=sched.get("prediction_type", "epsilon"),
-        beta_schedule=sched.get("beta_schedule", "scaled_linear"),
-        beta_start=sched.get("beta_start", 0.00085),
-        beta_end=sched.get("beta_end", 0.012),
-        num_train_timesteps=sched.get("num_train_timesteps", 1000),
-        default_size=unet_json.get("sample_size", 64) * vae_cfg.downscale,
-    )
     stored = read_metadata(unet_file).get(SPEC_METADATA_KEY) if unet_file.suffix == ".safetensors" else None
     if stored:
-        fields = vars(ModelSpec.from_json(stored))
+        spec = ModelSpec.from_json(stored)
+    else:
+        spec = ModelSpec(
+            name=f"diffusers:{folder.name}",
+            unet=UNetConfig(**convert.unet_config_from_diffusers(unet_json)),
+            vae=vae_cfg,
+            text=text_cfg,
+            text_format="openclip" if text_cfg.activation == "gelu" else "openai",
+            prediction_type=sched.get("prediction_type", "epsilon"),
+            schedule=_schedule_from_diffusers(sched),
+            default_size=unet_json.get("sample_size", 64) * vae_cfg.downscale,
+        )
     # transformers runs every layer it has: the folder's text tower never skips layers.
-    return ModelSpec(**{**fields, "text": text_cfg, "pad_token": tokenizer.pad_token})
+    return replace(spec, text=text_cfg, pad_token=tokenizer.pad_token)
+
+
+def _schedule_from_diffusers(sched: dict) -> ScheduleConfig:
+    """The training schedule of a ``scheduler_config.json`` (its inference settings are not read)."""
+    defaults = ScheduleConfig()
+    return ScheduleConfig(num_train_timesteps=sched.get("num_train_timesteps", defaults.num_train_timesteps),
+                          beta_schedule=sched.get("beta_schedule", defaults.beta_schedule),
+                          beta_start=sched.get("beta_start", defaults.beta_start),
+                          beta_end=sched.get("beta_end", defaults.beta_end))  # fmt: skip
+
+
+def _schedule_to_diffusers(schedule: ScheduleConfig, prediction_type: str) -> dict:
+    """A diffusers ``scheduler_config.json`` (PNDM, as SD checkpoints ship) for ``schedule``."""
+    config = {
+        "_class_name": "PNDMScheduler", "beta_schedule": schedule.beta_schedule, "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end, "num_train_timesteps": schedule.num_train_timesteps,
+        "prediction_type": prediction_type, "set_alpha_to_one": schedule.set_alpha_to_one, "skip_prk_steps": True,
+        "steps_offset": schedule.steps_offset, "clip_sample": False,
+        "timestep_spacing": schedule.timestep_spacing or "leading",
+    }  # fmt: skip
+    if schedule.rescale_zero_terminal_snr:
+        config["rescale_betas_zero_snr"] = True
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,9 +325,5 @@ def _write_diffusers(pipe: StableDiffusion, sds: dict, folder: Path, meta: dict)
     write_safetensors(convert.text_ours_to_transformers(text_sd), folder / "text_encoder" / "model.safetensors",
                       metadata={"format": "pt"})  # fmt: skip
     tok.save(folder / "tokenizer")
-    _write_json(folder / "scheduler" / "scheduler_config.json", {
-        "_class_name": "PNDMScheduler", "beta_schedule": spec.beta_schedule, "beta_start": spec.beta_start,
-        "beta_end": spec.beta_end, "num_train_timesteps": spec.num_train_timesteps,
-        "prediction_type": spec.prediction_type, "set_alpha_to_one": False, "skip_prk_steps": True,
-        "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading",
-    })  # fmt: skip
+    scheduler_json = _schedule_to_diffusers(spec.schedule, spec.prediction_type)
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json)

@@ -21,11 +21,13 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from PIL import Image
+
+from stablediff.version import __version__
 
 SCHEDULES = ("default", "karras", "exponential")
 
@@ -57,13 +59,15 @@ class GenerationParams:
     unit-variance tensor ``[batch_size, C, height // 8, width // 8]`` (C = the VAE's latent channels,
     4 for SD1/SD2). ``init_image``/``mask`` are a PIL image or a path; with an ``init_image`` the run
     is img2img (``strength`` in [0, 1] is the fraction of the schedule re-run), with a ``mask`` too
-    it is inpainting (white = repaint).
+    it is inpainting (white = repaint). ``width``/``height`` of None mean the model's own image size
+    (``ModelSpec.default_size``), for img2img and inpainting too (the init image is resized to the
+    size used); ``StableDiffusion.resolve_params`` fills them in.
     """
 
     prompt: str
     negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
+    width: int | None = None
+    height: int | None = None
     steps: int = 20
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
@@ -88,7 +92,7 @@ class GenerationParams:
                 raise ValueError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0 or value % 8:
+            if value is not None and (not _is_int(value) or value <= 0 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
         for name in ("steps", "batch_size", "clip_skip"):
             value = getattr(self, name)
@@ -126,6 +130,13 @@ class GenerationParams:
         if self.latents is not None:
             self._check_latents()
         return self
+
+    def with_default_size(self, size: int) -> GenerationParams:
+        """A copy with ``size`` for a ``width``/``height`` of None (``self`` when both are set)."""
+        if self.width is not None and self.height is not None:
+            return self
+        return replace(self, width=size if self.width is None else self.width,
+                       height=size if self.height is None else self.height)  # fmt: skip
 
     def _check_latents(self) -> None:
         lat = self.latents
@@ -173,15 +184,13 @@ class GenerationParams:
         """The AUTOMATIC1111 ``parameters`` text for one image (``seed`` overrides ``self.seed``,
         e.g. for the i-th image of a batch). Fields follow A1111's order; ``None`` ones are left out
         as A1111 does. Keys A1111 lacks: "CFG Rescale" (the CFG_Rescale_webui extension's key)."""
-        from stablediff import __version__  # lazy: the package may import this module
-
         items: dict[str, Any] = {
             "Steps": self.steps,
             "Sampler": A1111_SAMPLERS.get(self.sampler, self.sampler),
             "Schedule type": A1111_SCHEDULES.get(self.schedule, self.schedule),
             "CFG scale": float(self.guidance_scale),
             "Seed": self.seed if seed is None else seed,
-            "Size": f"{self.width}x{self.height}",
+            "Size": None if self.width is None or self.height is None else f"{self.width}x{self.height}",
             "Model hash": model_hash,
             "Model": model_name,
             "Denoising strength": float(self.strength) if self.init_image is not None else None,

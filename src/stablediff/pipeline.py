@@ -22,7 +22,6 @@ from stablediff.diffusion import (
     Denoiser,
     InpaintDenoiser,
     NoiseSchedule,
-    ScheduleConfig,
     get_sampler,
     sampling_plan,
 )
@@ -80,9 +79,7 @@ class StableDiffusion:
         return {"unet": self.unet.state_dict(), "vae": self.vae.state_dict(), "text": self.text_encoder.state_dict()}
 
     def noise_schedule(self) -> NoiseSchedule:
-        s = self.spec
-        return NoiseSchedule(ScheduleConfig(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
-                                            beta_start=s.beta_start, beta_end=s.beta_end))  # fmt: skip
+        return NoiseSchedule(self.spec.schedule)
 
     # ----------------------------------------------------------------------------------------
 
@@ -100,9 +97,15 @@ class StableDiffusion:
                                   tokenize_prompt(self.tokenizer, negative_prompt))  # fmt: skip
         return encode_chunks(encode, cond, self.device), encode_chunks(encode, uncond, self.device)
 
+    def resolve_params(self, params: GenerationParams) -> GenerationParams:
+        """`params` as a generation uses them: a width or height of None becomes the model's own image
+        size (`spec.default_size`). Record these with the images, not the params passed in."""
+        return params.with_default_size(self.spec.default_size)
+
     @torch.no_grad()
     def generate(self, params: GenerationParams, callback: ProgressCallback | None = None) -> list[Image.Image]:
-        """Images for `params` (validated first; nothing is computed for invalid params)."""
+        """Images for `params` (resolved by `resolve_params` and validated first; nothing is computed
+        for invalid params)."""
         return tensor_to_images(self.decode(self.sample_latents(params, callback)))
 
     @torch.no_grad()
@@ -115,7 +118,7 @@ class StableDiffusion:
     @torch.no_grad()
     def sample_latents(self, params: GenerationParams, callback: ProgressCallback | None = None) -> torch.Tensor:
         """Run the sampler; returns the final scaled latents [B, 4, h, w] in float32."""
-        params.validate()
+        params = self.resolve_params(params).validate()
         if self.spec.is_inpaint and params.mask is None:
             raise ValueError(f"{self.spec.name} is an inpainting model: pass init_image and mask")
         f = self.spec.vae.downscale

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from stablediff.diffusion.denoiser import PREDICTION_TYPES
+from stablediff.diffusion.schedules import ScheduleConfig
 from stablediff.models.clip import CLIPTextConfig
 from stablediff.models.unet import UNetConfig
 from stablediff.models.vae import VAEConfig
 from stablediff.weights import convert
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TEXT_FORMATS = ("openai", "openclip")
 
 
@@ -29,16 +30,13 @@ class ModelSpec:
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     text_format: str = "openai"  # how an original single-file checkpoint stores the text tower
     pad_token: str = "<|endoftext|>"  # SD 2.x pads prompts with "!" instead
-    prediction_type: str = "epsilon"
-    beta_schedule: str = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"  # a name in PREDICTION_TYPES (diffusers' names)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the training noise schedule
     default_size: int = 512  # the image side the model was trained at, in pixels
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {self.prediction_type!r} not in {PREDICTION_TYPES}")
+            raise ValueError(f"prediction_type {self.prediction_type!r} not in {tuple(PREDICTION_TYPES)}")
         if self.text_format not in TEXT_FORMATS:
             raise ValueError(f"text_format {self.text_format!r} not in {TEXT_FORMATS}")
         if self.unet.context_dim != self.text.width:
@@ -53,11 +51,22 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
+        """Inverse of ``to_json``. Specs written before the schedule became one record store its
+        fields flat (``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps``); they
+        load to the same spec."""
         d = json.loads(text)
         d["unet"] = UNetConfig.from_dict(d["unet"])
         d["vae"] = VAEConfig.from_dict(d["vae"])
         d["text"] = CLIPTextConfig.from_dict(d["text"])
+        legacy = {k: d.pop(k) for k in _LEGACY_SCHEDULE_KEYS if k in d}
+        if "schedule" in d and legacy:
+            raise ValueError(f"a model spec has both a 'schedule' and the flat schedule keys {sorted(legacy)}")
+        d["schedule"] = ScheduleConfig(**d.get("schedule", legacy))
         return cls(**d)
+
+
+# The schedule fields that specs written before `ModelSpec.schedule` store at the top level.
+_LEGACY_SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
 
 
 _SD2_TEXT = CLIPTextConfig(width=1024, layers=24, heads=16, activation="gelu", skip_layers=1)

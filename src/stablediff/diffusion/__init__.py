@@ -1,4 +1,5 @@
-"""Diffusion maths: noise schedules, denoisers (the sampler contract) and samplers.
+"""Diffusion maths: noise schedules, denoisers (the sampler contract), the wrappers around them,
+training objectives and samplers.
 
 Imports only torch and math; the network is a callable ``net(x, t, context, concat=None)``.
 """
@@ -6,20 +7,14 @@ Imports only torch and math; the network is a callable ``net(x, t, context, conc
 from .denoiser import (
     PREDICTION_TYPES,
     SCALINGS,
-    CFGDenoiser,
     Denoiser,
     EpsScaling,
-    InpaintDenoiser,
-    LCMBoundary,
     VScaling,
     X0Scaling,
     canonical_prediction_type,
-    min_snr_gamma_weights,
-    q_sample,
-    rescale_guidance,
-    snr,
-    training_target,
 )
+from .guidance import CFGDenoiser, InpaintDenoiser, LCMBoundary, rescale_guidance
+from .objectives import min_snr_gamma_weights, q_sample, snr, training_target
 from .samplers import (
     SAMPLERS,
     STOCHASTIC_SAMPLERS,

@@ -7,7 +7,7 @@ prompt-suite evaluation built on it.
   ``write_report``;
 - :mod:`stablediff.eval.sweep`: ``sweep`` over samplers, steps and guidance, ``plot_sweep``.
 
-Only the shapes world (``stablediff.train.shapes`` / ``captions``), numpy and PIL are imported,
+Only the shapes world (``stablediff.shapes``), numpy and PIL are imported,
 never the pipeline: the caller wraps the pipeline into ``generate_fn(prompt, seed) -> image``.
 """
 

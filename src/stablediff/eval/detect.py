@@ -1,6 +1,6 @@
 """What is in a shapes-world image: its background and its objects, read back by measurement.
 
-No learning: the world's colours, shapes, sizes and grid are known exactly (stablediff.train.shapes).
+No learning: the world's colours, shapes, sizes and grid are known exactly (stablediff.shapes).
 
 1. Background: the per-channel median of the border ring (objects cover little of it), named by
    the nearest ``BACKGROUNDS`` colour.
@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stablediff.train.shapes import BACKGROUNDS, CELLS, COLORS, OUTLINES, SHAPES, SIZES
+from stablediff.shapes import BACKGROUNDS, CELLS, COLORS, OUTLINES, SHAPES, SIZES
+from stablediff.shapes.render import SUPERSAMPLE  # templates rasterise exactly like the world's images
 
 MAX_SIDE = 128
-SUPERSAMPLE = 4  # as the world's render: templates then rasterise exactly like the images
 SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])  # radius / side between the classes
 MIN_MASS = 0.3  # of the smallest object's area (a small triangle): less is a speck, not an object
 MAX_RESIDUAL = 55.0  # RGB distance off a colour's segment still counted as that colour (0-255)

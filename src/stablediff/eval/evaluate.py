@@ -27,8 +27,20 @@ from PIL import Image, ImageFilter
 
 from stablediff.eval.detect import MAX_SIDE
 from stablediff.eval.judge import Verdict, judge
-from stablediff.train.captions import SUITES, SceneSpec, canonical_caption, parse_caption, prompt_suite
-from stablediff.train.shapes import BACKGROUNDS, COLORS, SPLITS, Scene, layout, render, sample_scene
+from stablediff.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    SPLITS,
+    SUITES,
+    Scene,
+    SceneSpec,
+    canonical_caption,
+    layout,
+    parse_caption,
+    prompt_suite,
+    render,
+    sample_scene,
+)
 
 log = logging.getLogger(__name__)
 

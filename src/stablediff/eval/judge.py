@@ -15,8 +15,7 @@ import numpy as np
 from PIL import Image
 
 from stablediff.eval.detect import DetectedObject, analyse
-from stablediff.train.captions import ObjectSpec, SceneSpec
-from stablediff.train.shapes import true_relations
+from stablediff.shapes import ObjectSpec, SceneSpec, true_relations
 
 
 @dataclass(frozen=True)

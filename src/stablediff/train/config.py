@@ -13,8 +13,9 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-STAGES = ("tokenizer", "vae", "text", "unet", "finetune")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from stablediff.diffusion import PREDICTION_TYPES
+from stablediff.train.stages import STAGES
+
 MIXED_PRECISION = ("no", "bf16")
 
 
@@ -99,8 +100,13 @@ class TrainConfig:
     eval_size: int = 256  # held-out examples for PSNR / retrieval accuracy
 
     def __post_init__(self) -> None:
-        choices = {"stage": STAGES, "prediction_type": PREDICTION_TYPES, "mixed_precision": MIXED_PRECISION,
-                   "nonfinite": ("stop", "skip"), "recon_loss": ("l1", "l2")}  # fmt: skip
+        choices = {
+            "stage": tuple(STAGES),
+            "prediction_type": tuple(PREDICTION_TYPES),
+            "mixed_precision": MIXED_PRECISION,
+            "nonfinite": ("stop", "skip"),
+            "recon_loss": ("l1", "l2"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -201,4 +207,4 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["STAGES", "TrainConfig", "apply_overrides"]
+__all__ = ["TrainConfig", "apply_overrides"]

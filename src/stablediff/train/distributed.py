@@ -180,3 +180,8 @@ def rank_rows(draw: Callable[[int], torch.Tensor], rows: int) -> torch.Tensor:
 def rank_randn(generator: torch.Generator, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Standard normal noise of `shape` (this process's rows first): `rank_rows` of a float32 draw."""
     return rank_rows(lambda n: torch.randn((n, *shape[1:]), generator=generator), shape[0])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return getattr(model, "module", model)

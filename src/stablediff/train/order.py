@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from stablediff.train.data import derive_seed
+from stablediff.seeds import derive_seed
 
 
 @dataclass(frozen=True)

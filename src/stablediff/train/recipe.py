@@ -2,18 +2,20 @@
 
 A recipe is a TOML file (`src/stablediff/recipes/NAME.toml`): a `[common]` table of TrainConfig
 fields shared by every stage, then one table per stage (`tokenizer`, `vae`, `text`, `unet`), and
-optionally later U-Net phases, each continuing the phase before it with the `unet` table's
-settings except those it sets itself (another batch size or learning rate, or training the text
-encoder too): `finetune`, on the same latent cache, then `relations`, on that cache followed by
-`[latents] pair_scenes` two-object scenes (seed `pair_seed`).
+optionally later U-Net phases. A phase is a table that says which phase it `continues` (`"unet"`
+or an earlier phase): it starts from that phase's exported model, with the `[unet]` table's
+settings except those it sets itself, and trains on the main latent cache or on the named
+`cache` of `[latents]`. The `[latents]` table describes the caches: `scenes` training scenes
+encoded once (the main cache, the U-Net's data), and each sub-table `[latents.NAME]` another cache
+holding those scenes followed by `extra_scenes` scenes of `objects` objects drawn with `seed`.
 A recipe may start with `base = "NAME"` (a packaged recipe or a path relative to the file): it
 then inherits every table of that recipe and overrides only the fields it sets (the GPU variant of
-a CPU recipe, say). `run_recipe` trains the stages in that order, each in `OUT/STAGE/`, handing
-each stage the exports of the ones before it; a stage whose export exists is skipped and one with
-checkpoints resumes, so an interrupted recipe continues where it stopped. `package_model` then
-writes the finished model as one half-precision safetensors file that carries the recipe, every
-stage's configuration and step count, the data seed and the evaluation results in its metadata;
-`evaluate_packaged` adds the evaluation to such a file.
+a CPU recipe, say). `run_recipe` trains the stages, then the phases in file order, each in
+`OUT/NAME/`, handing each the exports of the ones before it; a stage whose export exists is
+skipped and one with checkpoints resumes, so an interrupted recipe continues where it stopped.
+`package_model` then writes the finished model as one half-precision safetensors file that carries
+the recipe, every stage's configuration and step count, the data seed and the evaluation results in
+its metadata; `evaluate_packaged` adds the evaluation to such a file.
 """
 
 from __future__ import annotations
@@ -29,20 +31,25 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch.utils.data import ConcatDataset
 
+from stablediff.eval import evaluate, write_report
+from stablediff.loading import load_pipeline, save
+from stablediff.params import GenerationParams
 from stablediff.train.config import TrainConfig
-from stablediff.train.stages import get_stage
-from stablediff.train.stages.tokenizer import TOKENIZER_DIR
-from stablediff.train.stages.unet import MODEL_FILE
-from stablediff.train.trainer import EXPORT_DIR, train
+from stablediff.train.data import ShapesPairs, encode_latent_cache, image_text_data
+from stablediff.train.exports import EXPORT_DIR, MODEL_FILE, TOKENIZER_DIR, VAE_PART, read_part
+from stablediff.train.stages import STAGES, get_stage
+from stablediff.train.trainer import train
 from stablediff.weights.io import read_metadata
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER = ("tokenizer", "vae", "text", "unet", "finetune", "relations")
-LATER_PHASES = ("finetune", "relations")  # optional U-Net phases that continue the one before them
-LATENT_CACHE = "latents.safetensors"
-PAIR_CACHE = "latents-pairs.safetensors"  # the [relations] phase's: the scenes, then two-object scenes
+PHASE_STAGE = "finetune"  # the stage every later U-Net phase trains with
+FIRST_STAGES = tuple(name for name in STAGES if name != PHASE_STAGE)  # each has a table of its name
+PHASE_KEYS = ("continues", "cache")  # a phase table's keys that are not TrainConfig fields
+CACHE_KEYS = ("extra_scenes", "objects", "seed")  # a named cache's keys
+OTHER_TABLES = ("base", "common", "name", "description", "eval", "latents")
 Progress = Callable[[int, int, dict], None]
 
 
@@ -53,10 +60,6 @@ def read_recipe(name_or_path: str | Path, _chain: tuple[str, ...] = ()) -> tuple
         raise ValueError(f"recipe base chain loops: {' -> '.join((*_chain, str(name_or_path)))}")
     text, folder = _recipe_text(name_or_path)
     recipe = tomllib.loads(text)
-    unknown = set(recipe) - {"base", "common", "name", "description", "eval", "latents", *STAGE_ORDER}
-    if unknown:
-        allowed = ", ".join(("base", "common", "latents", "eval", *STAGE_ORDER))
-        raise ValueError(f"recipe has unknown tables {sorted(unknown)}; allowed: {allowed}")
     if "base" in recipe:
         base_name = str(recipe.pop("base"))
         local = folder / f"{base_name}.toml" if folder is not None else None
@@ -65,6 +68,11 @@ def read_recipe(name_or_path: str | Path, _chain: tuple[str, ...] = ()) -> tuple
         for key, value in recipe.items():
             base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
         recipe, text = base, f"{text}\n# ---- base recipe {base_name!r} ----\n{base_text}"
+    unknown = set(recipe) - {*OTHER_TABLES, *FIRST_STAGES, *phases(recipe)}
+    if unknown:
+        allowed = ", ".join((*OTHER_TABLES[1:], *FIRST_STAGES))
+        raise ValueError(f"recipe has unknown tables {sorted(unknown)}; allowed: {allowed}, and U-Net phases "
+                         "(tables that set `continues`)")  # fmt: skip
     return recipe, text
 
 
@@ -81,26 +89,45 @@ def _recipe_text(name_or_path: str | Path) -> tuple[str, Path | None]:
     return packaged.read_text(), None
 
 
+def phases(recipe: dict) -> list[str]:
+    """The recipe's later U-Net phases in file order, each checked to continue "unet" or an
+    earlier phase and to train on a cache that `[latents]` describes."""
+    found: list[str] = []
+    for name, table in recipe.items():
+        if not isinstance(table, dict) or "continues" not in table or name in (*OTHER_TABLES, *FIRST_STAGES):
+            continue
+        if table["continues"] not in ("unet", *found):
+            raise ValueError(f"recipe phase [{name}] continues {table['continues']!r}, which is not 'unet' or a "
+                             f"phase before it ({found})")  # fmt: skip
+        cache = table.get("cache")
+        if cache is not None and not isinstance(recipe.get("latents", {}).get(cache), dict):
+            raise ValueError(f"recipe phase [{name}] trains on cache {cache!r}, but [latents] has no [latents.{cache}]")
+        found.append(name)
+    return found
+
+
+def cache_file(name: str | None = None) -> str:
+    """The file of the main latent cache (None) or of the named one."""
+    return "latents.safetensors" if name is None else f"latents-{name}.safetensors"
+
+
 def stage_config(recipe: dict, stage: str, out: Path) -> TrainConfig:
-    """The TrainConfig of one stage: common fields, the stage's table, and links to earlier stages."""
+    """The TrainConfig of one stage or phase: common fields, its table(s), and links to earlier stages."""
     links = {"tokenizer": str(out / "tokenizer" / TOKENIZER_DIR)}
-    tables = [recipe.get(stage, {})]
+    table = dict(recipe.get(stage, {}))
+    extra = {key: table.pop(key) for key in PHASE_KEYS if key in table}
+    tables = [table]
     if stage == "unet":
         links.update(vae=str(out / "vae"), text=str(out / "text"))
-    elif stage in LATER_PHASES:  # the phase before's model carries the VAE, the text encoder and the tokenizer
-        links["base"] = str(out / _phase_before(recipe, stage) / EXPORT_DIR / MODEL_FILE)
+    elif "continues" in extra:  # the phase before's model carries the VAE, the text encoder and the tokenizer
+        links["base"] = str(out / extra["continues"] / EXPORT_DIR / MODEL_FILE)
         tables.insert(0, recipe.get("unet", {}))
-    if stage in ("unet", *LATER_PHASES) and "latents" in recipe:
-        links["data"] = str(out / (PAIR_CACHE if stage == "relations" else LATENT_CACHE))
+    if (stage == "unet" or "continues" in extra) and "latents" in recipe:
+        links["data"] = str(out / cache_file(extra.get("cache")))
     fields = {**recipe.get("common", {}), **(links if stage != "tokenizer" else {})}
-    for table in tables:
-        fields.update(table)
-    return TrainConfig(stage="finetune" if stage in LATER_PHASES else stage, out=str(out / stage), **fields)
-
-
-def _phase_before(recipe: dict, stage: str) -> str:
-    earlier = STAGE_ORDER[STAGE_ORDER.index("unet") : STAGE_ORDER.index(stage)]
-    return next(name for name in reversed(earlier) if name in recipe)
+    for t in tables:
+        fields.update(t)
+    return TrainConfig(stage=PHASE_STAGE if "continues" in extra else stage, out=str(out / stage), **fields)
 
 
 def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: Callable[[str], Progress] | None = None
@@ -109,16 +136,13 @@ def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: 
     recipe, _ = read_recipe(name_or_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    missing = [stage for stage in FIRST_STAGES if stage not in recipe]
+    if missing:
+        raise ValueError(f"recipe lacks a [{missing[0]}] table")
     done: dict[str, dict] = {}
-    for stage in STAGE_ORDER:
-        if stage not in recipe:
-            if stage in LATER_PHASES:
-                continue
-            raise ValueError(f"recipe lacks a [{stage}] table")
-        if stage == "unet" and "latents" in recipe:
-            _latent_cache(recipe, out)
-        if stage == "relations":
-            _latent_cache(recipe, out, pairs=True)
+    for stage in (*FIRST_STAGES, *phases(recipe)):
+        if (stage == "unet" or stage in phases(recipe)) and "latents" in recipe:
+            _latent_cache(recipe, out, recipe[stage].get("cache"))
         config = stage_config(recipe, stage, out)
         start = time.perf_counter()
         if stage == "tokenizer":
@@ -136,38 +160,37 @@ def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: 
     return done
 
 
-def _latent_cache(recipe: dict, out: Path, pairs: bool = False) -> Path:
-    """Encode `[latents] scenes` training images once with the trained VAE (the U-Net then trains
-    on posterior samples of the cache instead of running the encoder every step); `pairs`: the
-    same scenes followed by `pair_scenes` two-object scenes of seed `pair_seed`."""
-    from torch.utils.data import ConcatDataset
-
-    from stablediff.train.latents import encode_latent_cache
-    from stablediff.train.stages.vae import ShapesPairs, image_text_data, load_vae_export
-
+def _latent_cache(recipe: dict, out: Path, name: str | None = None) -> Path:
+    """Encode the `[latents] scenes` training images once with the trained VAE (the U-Net then
+    trains on posterior samples of the cache instead of running the encoder every step); a named
+    cache holds the same scenes followed by its own extra scenes."""
     latents = recipe.get("latents", {})
-    cache = out / (PAIR_CACHE if pairs else LATENT_CACHE)
+    cache = out / cache_file(name)
     if cache.is_file():
         return cache
-    if "scenes" not in latents or pairs and not {"pair_scenes", "pair_seed"} <= latents.keys():
-        needed = "scenes, pair_scenes and pair_seed" if pairs else "scenes"
-        raise ValueError(f"the recipe's [latents] table must set {needed}; it has {sorted(latents)}")
+    extra = latents.get(name, {}) if name is not None else {}
+    missing = [] if "scenes" in latents else ["scenes"]
+    missing += [f"{name}.{key}" for key in CACHE_KEYS if name is not None and key not in extra]
+    if missing:
+        raise ValueError(f"the recipe's [latents] table must set {', '.join(missing)}; it has {sorted(latents)}")
     config = stage_config(recipe, "vae", out)
     config.shapes_size = int(latents["scenes"])
     images, _ = image_text_data(config, regions=True)  # stored for a U-Net phase with a grounding loss
-    if pairs:
-        images = ConcatDataset([images, ShapesPairs(int(latents["pair_scenes"]), int(latents["pair_seed"]),
-                                                    config.resolution, regions=True, n_objects=2)])  # fmt: skip
+    if name is not None:
+        more = ShapesPairs(int(extra["extra_scenes"]), int(extra["seed"]), config.resolution, regions=True,
+                           n_objects=int(extra["objects"]))  # fmt: skip
+        images = ConcatDataset([images, more])
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer would run too
-    encode_latent_cache(images, load_vae_export(out / "vae" / EXPORT_DIR, device), cache, batch_size=64, device=device)
+    vae = read_part(VAE_PART, out / "vae" / EXPORT_DIR, device)
+    encode_latent_cache(images, vae, cache, batch_size=64, device=device)
     logger.info("recipe: encoded %d images to %s (%.0f s)", len(images), cache, time.perf_counter() - start)
     return cache
 
 
 def final_export(stages: dict) -> str:
     """The finished model of a `run_recipe` result: the last U-Net phase's export."""
-    return stages[next(name for name in reversed(STAGE_ORDER) if name in stages)]["export"]
+    return list(stages.values())[-1]["export"]
 
 
 def _training_seconds(run: Path) -> float | None:
@@ -198,8 +221,6 @@ def _existing_export(run: Path) -> Path | None:
 def package_model(model_path: str | Path, target: str | Path, recipe_text: str, stages: dict,
                   evaluation: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:  # fmt: skip
     """Write the trained model as one `dtype` safetensors file with its provenance in metadata."""
-    from stablediff.loading import load_pipeline, save
-
     pipe = load_pipeline(model_path)
     meta = {
         "stablediff.recipe": recipe_text,
@@ -217,10 +238,6 @@ def evaluate_model(model_path: str | Path, settings: dict, report_dir: str | Pat
                    progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """Run the shapes prompt suites on a model (settings: the recipe's [eval] table) and write the
     report; returns the summary stored with the model (no per-prompt records)."""
-    from stablediff.eval import evaluate, write_report
-    from stablediff.loading import load_pipeline
-    from stablediff.params import GenerationParams
-
     pipe = load_pipeline(model_path)
     size = pipe.spec.default_size
 

@@ -29,21 +29,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from stablediff.seeds import derive_seed
 from stablediff.train import checkpoint as ckpt
 from stablediff.train import distributed as dist_env
 from stablediff.train.checkpoint import NonFiniteError
 from stablediff.train.config import TrainConfig
-from stablediff.train.data import derive_seed
+from stablediff.train.exports import EXPORT_DIR
 from stablediff.train.optim import EMA, WarmupCosine, make_optimizer
 from stablediff.train.order import EpochItems, Position, RankBatches
 from stablediff.train.runlog import RunLog
 from stablediff.train.stage import Stage
+from stablediff.train.stages import get_stage
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, dict], None]
 StageLike = Stage | Callable[[TrainConfig, torch.device], Stage] | str | None
-EXPORT_DIR = "export"
+
 SAMPLES_DIR = "samples"
 
 
@@ -51,8 +53,6 @@ def _make_stage(stage: StageLike, config: TrainConfig, device: torch.device) -> 
     if isinstance(stage, Stage):
         return stage
     if stage is None or isinstance(stage, str):
-        from stablediff.train.stages import get_stage
-
         stage = get_stage(stage or config.stage)
         if not issubclass(stage, Stage):
             raise ValueError(f"stage {stage.name!r} is not trained by gradient steps: use {stage.__name__}(config)"
@@ -348,4 +348,4 @@ def train(stage: StageLike, config: TrainConfig, resume: str | None = None, prog
         dist_env.teardown(env)
 
 
-__all__ = ["EXPORT_DIR", "NonFiniteError", "train"]
+__all__ = ["NonFiniteError", "train"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..denoiser import LCMBoundary
+from ..guidance import LCMBoundary
 from ..schedules import (
     SIGMA_SCHEDULES,
     NoiseSchedule,

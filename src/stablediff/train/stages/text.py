@@ -21,7 +21,6 @@ as SD does with CLIP's); the image tower exists to train it.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -35,21 +34,16 @@ from torch.utils.data import Dataset
 
 from stablediff.image import image_to_tensor
 from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
-from stablediff.tokenizer import CLIPTokenizer
-from stablediff.train.captions import inverse_relation_caption, parse_caption
+from stablediff.shapes import Scene, ShapesDataset, inverse_relation_caption, parse_caption
 from stablediff.train.config import TrainConfig
-from stablediff.train.distributed import gather_batch
-from stablediff.train.shapes import Scene, ShapesDataset
+from stablediff.train.data.stage_data import EVAL_SEED_OFFSET, image_text_data
+from stablediff.train.distributed import gather_batch, unwrap
+from stablediff.train.exports import TEXT_PART, TOKENIZER_DIR, load_tokenizer, write_part
 from stablediff.train.stage import Stage
-from stablediff.train.stages.tokenizer import TOKENIZER_DIR, load_tokenizer
-from stablediff.train.stages.vae import EVAL_SEED_OFFSET, image_text_data, unwrap
-from stablediff.weights.io import atomic_write_bytes, read_metadata, read_state_dict, write_safetensors
-from stablediff.weights.strict import load_strict
+from stablediff.weights.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-TEXT_FILE = "text_encoder.safetensors"
-CONFIG_KEY = "stablediff.text_config"
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) here to keep training stable
 
 
@@ -299,30 +293,11 @@ class TextStage(Stage):
     def export(self, model: nn.Module, out_dir: Path) -> Path:
         """`out_dir/text_encoder.safetensors` (CLIPTextModel key names; metadata
         {"stablediff.text_config": JSON of the CLIPTextConfig}) and `out_dir/tokenizer/`."""
-        text = unwrap(model)["text"]
-        out = Path(out_dir) / TEXT_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(out.parent / TOKENIZER_DIR)  # first: the weights are useless without it
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in text.state_dict().items()}
-        write_safetensors(tensors, out, {CONFIG_KEY: json.dumps(text.config.to_dict())})
+        self.tokenizer.save(Path(out_dir) / TOKENIZER_DIR)  # first: the weights are useless without it
+        out = write_part(TEXT_PART, unwrap(model)["text"], out_dir)
         logger.info("text encoder exported to %s", out)
         return out
 
 
-def load_text_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[CLIPTextModel, CLIPTokenizer]:
-    """(text encoder in eval mode, tokenizer) from a folder written by `TextStage.export`."""
-    folder = Path(path)
-    weights = folder / TEXT_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"no trained text encoder at {weights}")
-    meta = read_metadata(weights)
-    if CONFIG_KEY not in meta:
-        raise ValueError(f"{weights} has no {CONFIG_KEY!r} metadata: not written by the text stage")
-    with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig.from_dict(json.loads(meta[CONFIG_KEY])))
-    load_strict(model, read_state_dict(weights), f"text encoder {weights}", device=device)
-    return model.eval(), CLIPTokenizer.from_folder(folder / TOKENIZER_DIR)
-
-
 __all__ = ["TEXT_SIZES", "ContrastiveModel", "ImageTower", "LogitScale", "TextSize", "TextStage",
-           "contrastive_loss", "load_text_export"]
+           "contrastive_loss"]

@@ -28,20 +28,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from stablediff.diffusion import NoiseSchedule, ScheduleConfig, min_snr_gamma_weights, q_sample, training_target
+from stablediff.loading import save
 from stablediff.models.unet import UNetConfig, UNetModel
+from stablediff.params import GenerationParams
+from stablediff.pipeline import StableDiffusion
 from stablediff.presets import PRESETS, ModelSpec
+from stablediff.shapes import prompt_suite
 from stablediff.train.config import TrainConfig
-from stablediff.train.distributed import rank_randn, rank_rows
+from stablediff.train.data.stage_data import captions_of, unet_data
+from stablediff.train.distributed import rank_randn, rank_rows, unwrap
+from stablediff.train.exports import MODEL_FILE, TOKENIZER_DIR, TRAIN_CONFIG_KEY, frozen_parts
 from stablediff.train.grounding import cross_attention_maps, grounding_loss, item_regions, token_boxes
 from stablediff.train.stage import Stage
-from stablediff.train.stages.tokenizer import TOKENIZER_DIR
-from stablediff.train.stages.unet_parts import captions_of, frozen_parts, unet_data
 from stablediff.weights.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-TRAIN_CONFIG_KEY = "stablediff.train_config"
 # Training sizes beyond the presets; context_dim and the channel counts follow the frozen parts.
 UNET_SIZES: dict[str, UNetConfig] = {
     # the bundled shapes model: 16x16x4 latents (64 px, f=4 VAE), 128-wide text; 9.1M parameters
@@ -79,8 +81,6 @@ def unet_size(name: str) -> UNetConfig:
 def sample_prompts(config: TrainConfig, held: Dataset) -> list[str]:
     """Fixed prompts for sample grids: shapes evaluation prompts, or the first distinct held-out captions."""
     if config.data == "shapes":
-        from stablediff.train.captions import prompt_suite
-
         return [p for p, _ in prompt_suite("single", 6)] + [p for p, _ in prompt_suite("relation", 2)]
     captions = list(dict.fromkeys(c for c in captions_of(held) if c)) or ["a photo"]
     return [captions[i % len(captions)] for i in range(SAMPLE_COUNT)]
@@ -126,9 +126,7 @@ class UNetStage(Stage):
             return UNetModel(cfg)
 
     def _schedule_config(self) -> ScheduleConfig:
-        s = self.base.spec if self.base is not None else ModelSpec("schedule")
-        return ScheduleConfig(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
-                              beta_start=s.beta_start, beta_end=s.beta_end)  # fmt: skip
+        return self.base.spec.schedule if self.base is not None else ScheduleConfig()
 
     def spec(self) -> ModelSpec:
         """The ModelSpec of the model being trained (schedule facts from the base model, if any)."""
@@ -136,8 +134,7 @@ class UNetStage(Stage):
         return ModelSpec(name=f"stablediff-{self.config.stage}-{self.config.model}", unet=self.unet.config,
                          vae=self.vae.config, text=self.text_encoder.config, text_format=s.text_format,
                          pad_token=self.tokenizer.pad_token, prediction_type=self.config.prediction_type,
-                         beta_schedule=s.beta_schedule, beta_start=s.beta_start, beta_end=s.beta_end,
-                         num_train_timesteps=s.num_train_timesteps, default_size=self.config.resolution)  # fmt: skip
+                         schedule=s.schedule, default_size=self.config.resolution)  # fmt: skip
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -227,17 +224,13 @@ class UNetStage(Stage):
     # -----------------------------------------------------------------------------------------
     def pipeline(self, model: nn.Module):
         """A StableDiffusion of `model` (the U-Net being trained, or its EMA) and the frozen parts."""
-        from stablediff.pipeline import StableDiffusion
-
-        net = getattr(model, "module", model)  # unwrap DDP
+        net = unwrap(model)
         if isinstance(net, TextConditionedUNet):
             return StableDiffusion(net["unet"], self.vae, net["text_encoder"], self.tokenizer, self.spec())
         return StableDiffusion(net, self.vae, self.text_encoder, self.tokenizer, self.spec())
 
     def sample(self, model: nn.Module, path: Path) -> None:
         """A 4 x 2 grid for fixed prompts and seeds (image k: seed k): DPM++ 2M, 20 steps, guidance 5."""
-        from stablediff.params import GenerationParams
-
         pipe = self.pipeline(model)
         size = self.config.resolution
         images = []
@@ -257,8 +250,6 @@ class UNetStage(Stage):
     def export(self, model: nn.Module, out_dir: Path) -> Path:
         """`out_dir/model.safetensors` (a single-file model with the training config in its metadata)
         and `out_dir/tokenizer/`; returns the model file."""
-        from stablediff.loading import save
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(out_dir / TOKENIZER_DIR)
@@ -292,5 +283,5 @@ class FinetuneStage(UNetStage):
         return unet.requires_grad_(True)
 
 
-__all__ = ["MODEL_FILE", "TRAIN_CONFIG_KEY", "UNET_SIZES", "FinetuneStage", "TextConditionedUNet", "UNetStage",
+__all__ = ["UNET_SIZES", "FinetuneStage", "TextConditionedUNet", "UNetStage",
            "draw_timesteps", "unet_size"]

@@ -22,32 +22,27 @@ Latents are trained unscaled (scaling_factor 1); `export` measures their std and
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
-import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from stablediff.image import image_to_tensor, tensor_to_images
+from stablediff.image import tensor_to_images
 from stablediff.models.vae import AutoencoderKL, VAEConfig
-from stablediff.train.captions import caption_regions
 from stablediff.train.config import TrainConfig
-from stablediff.train.data import CaptionedFolder
-from stablediff.train.distributed import rank_randn
-from stablediff.train.shapes import ShapesDataset
+from stablediff.train.data.stage_data import image_text_data
+from stablediff.train.distributed import rank_randn, unwrap
+from stablediff.train.exports import VAE_PART, write_part
 from stablediff.train.stage import Stage
-from stablediff.weights.io import atomic_write_bytes, read_metadata, read_state_dict, write_safetensors
-from stablediff.weights.strict import load_strict
+from stablediff.weights.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,72 +50,10 @@ logger = logging.getLogger(__name__)
 VAE_SIZES: dict[str, VAEConfig] = {
     # tests: f=2, ~0.3M parameters
     "tiny": VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, scaling_factor=1.0),
-    # the bundled shapes model: 64 px -> 16x16x4 latents (f=4, 12x fewer numbers than pixels);
-    # flat-coloured shapes need little capacity, and the decoder must stay cheap on a CPU.
     # the bundled model: f=4 (16x16x4 latents at 64 px), 0.95M parameters: flat-coloured shapes need
     # little capacity, and the package must stay small and fast on a CPU.
     "shapes-small": VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=16, scaling_factor=1.0),
 }
-VAE_FILE = "vae.safetensors"
-CONFIG_KEY = "stablediff.vae_config"
-EVAL_SEED_OFFSET = 1_000_003  # held-out shapes come from another seed than the training stream
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    return getattr(model, "module", model)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data shared by the image stages (vae, text)
-class ShapesPairs(Dataset):
-    """`ShapesDataset` items as (image [3, S, S] in [-1, 1], caption): what `CaptionedFolder` gives;
-    with `regions`, (image, caption, the caption's grounding regions: `caption_regions`).
-    `n_objects`: 1, 2 or None (either)."""
-
-    def __init__(self, n: int, seed: int, size: int, split: str = "train", regions: bool = False,
-                 n_objects: int | None = None):
-        self.shapes, self.regions = ShapesDataset(n, seed, split, size, n_objects=n_objects), regions
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def __getitem__(self, index: int) -> tuple[Any, ...]:
-        image, text, scene = self.shapes[index]
-        if not self.regions:
-            return image_to_tensor(image)[0], text
-        regions = caption_regions(text, scene, self.shapes.placements(index), self.shapes.size)
-        return image_to_tensor(image)[0], text, regions
-
-
-def image_text_data(config: TrainConfig, regions: bool = False) -> tuple[Dataset, Dataset]:
-    """(training set, held-out set) of (image, caption) pairs for `config.data`; `regions`: shapes
-    training items carry their grounding regions too (a latent cache stores them).
-
-    "shapes": an endless-looking stream of `shapes_size` scenes, and `eval_size` scenes of another
-    seed. A folder: a seeded `eval_size` subset (at most a tenth of the folder) is held out of
-    training and read with a centre crop and no flip; a folder too small for that is evaluated
-    on training items (logged).
-    """
-    if config.data == "shapes":
-        train = ShapesPairs(config.shapes_size, config.seed, config.resolution, regions=regions)
-        held = ShapesPairs(max(config.eval_size, 1), config.seed + EVAL_SEED_OFFSET, config.resolution)
-        return train, held
-    if not config.data or config.data.endswith(".safetensors"):
-        raise ValueError(f"--data must be 'shapes' or a captioned image folder for this stage, got {config.data!r}")
-    folder = CaptionedFolder(config.data, config.resolution, crop="center" if config.center_crop else "random",
-                             flip=config.flip, seed=config.seed, strict=config.strict)
-    plain = copy.copy(folder)  # the same verified items, read without augmentation
-    plain.crop, plain.flip = "center", False
-    n_eval = min(config.eval_size, len(folder) // 10)
-    if n_eval == 0:
-        logger.warning("%s: %d items are too few to hold some out; evaluating on training items",
-                       config.data, len(folder))
-        return folder, Subset(plain, range(min(config.eval_size, len(folder))))
-    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    held = sorted(order[:n_eval])
-    train = sorted(order[n_eval:])
-    return Subset(folder, train), Subset(plain, held)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,30 +267,9 @@ class VAEStage(Stage):
         if not math.isfinite(std) or std <= 0:
             raise ValueError(f"cannot export the VAE: latent std is {std}")
         cfg = dataclasses.replace(vae.config, scaling_factor=1.0 / std)
-        out = Path(out_dir) / VAE_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in vae.state_dict().items()}
-        write_safetensors(tensors, out, {CONFIG_KEY: json.dumps(cfg.to_dict()), "stablediff.latent_std": repr(std)})
+        out = write_part(VAE_PART, vae, out_dir, config=cfg, metadata={"stablediff.latent_std": repr(std)})
         logger.info("VAE exported to %s (latent std %.4f -> scaling_factor %.5f)", out, std, cfg.scaling_factor)
         return out
 
 
-def load_vae_export(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
-    """The AutoencoderKL written by `VAEStage.export` (a file, or a folder holding vae.safetensors),
-    with its measured scaling_factor, in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / VAE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained VAE at {path}")
-    meta = read_metadata(path)
-    if CONFIG_KEY not in meta:
-        raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata: not a VAE written by the vae stage")
-    with torch.device("meta"):
-        vae = AutoencoderKL(VAEConfig.from_dict(json.loads(meta[CONFIG_KEY])))
-    load_strict(vae, read_state_dict(path), f"VAE {path}", device=device)
-    return vae.eval()
-
-
-__all__ = ["VAE_SIZES", "AutoencoderTrainable", "PatchDiscriminator", "VAEStage", "image_text_data",
-           "load_vae_export", "psnr"]
+__all__ = ["VAE_SIZES", "AutoencoderTrainable", "PatchDiscriminator", "VAEStage", "foreground_mask", "psnr"]

@@ -30,7 +30,6 @@ A missing folder, or no usable item after the skips, is a ``ValueError`` naming 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,19 +40,13 @@ import torch
 from PIL import Image
 
 from stablediff.image import image_to_tensor, load_image
+from stablediff.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CROPS = ("center", "random")
 VERIFY = ("full", "header")
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 64-bit seed from ``seed`` and labels (epoch, index, ...): a hash of their text, so it is
-    the same on every run, platform and DataLoader worker."""
-    digest = hashlib.blake2b(repr((int(seed), *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _check_image(path: Path, full: bool, min_side: int) -> str | None:

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stablediff.train.shapes import (
+from stablediff.shapes.render import Placement
+from stablediff.shapes.world import (
     BACKGROUNDS,
     CELLS,
     COLORS,
@@ -28,7 +29,6 @@ from stablediff.train.shapes import (
     SHAPES,
     SIZES,
     TRAIN_PAIRS,
-    Placement,
     Rng,
     Scene,
     ShapeObject,

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from stablediff.image import image_to_tensor
-from stablediff.train.data import derive_seed
+from stablediff.seeds import derive_seed
 from stablediff.train.grounding import item_regions
 from stablediff.weights.io import read_metadata, read_state_dict, write_safetensors
 
