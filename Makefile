@@ -33,8 +33,10 @@ bundled-model: setup
 eval: setup
 	$(PY) -m stablediff eval --n 200 --sweep --out docs/eval
 
+# The linter and the formatter's check over every Python file (CI runs it before the tests).
 lint: setup
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks tools
+	.venv/bin/ruff format --check src tests benchmarks tools
 
 clean:
 	rm -rf .venv build src/*.egg-info .pytest_cache

@@ -52,12 +52,19 @@ def network_outputs(pipes: dict, size: int, device: torch.device) -> dict:
 
 def image(who: str, pipe, size: int) -> np.ndarray:
     if who == "ours":
-        params = GenerationParams(PROMPT, width=size, height=size, steps=20, sampler="dpmpp_2m", schedule="karras",
-                                  guidance_scale=7.5, seed=0)  # fmt: skip
+        params = GenerationParams(
+            PROMPT, width=size, height=size, steps=20, sampler="dpmpp_2m", schedule="karras", guidance_scale=7.5, seed=0
+        )
         picture = pipe.generate(params)[0]
     else:
-        picture = pipe(PROMPT, height=size, width=size, num_inference_steps=20, guidance_scale=7.5,
-                       generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+        picture = pipe(
+            PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=20,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
     return np.asarray(picture, dtype=np.int16)
 
 
@@ -76,14 +83,26 @@ def main() -> None:
     out = network_outputs(pipes, args.size, device)
     for part in ("text", "unet", "vae"):
         base = out["ours", "fp32", part]
-        errors = {label: relative_error(out[key + (part,)], base)
-                  for label, key in (("diffusers fp32", ("ref", "fp32")), ("ours bf16", ("ours", "bf16")),
-                                     ("diffusers bf16", ("ref", "bf16")))}  # fmt: skip
-        print(f"{part}: relative error against our fp32 output: "
-              + ", ".join(f"{label} {e:.4f}" for label, e in errors.items()), flush=True)
+        errors = {
+            label: relative_error(out[key + (part,)], base)
+            for label, key in (
+                ("diffusers fp32", ("ref", "fp32")),
+                ("ours bf16", ("ours", "bf16")),
+                ("diffusers bf16", ("ref", "bf16")),
+            )
+        }
+        print(
+            f"{part}: relative error against our fp32 output: "
+            + ", ".join(f"{label} {e:.4f}" for label, e in errors.items()),
+            flush=True,
+        )
     images = {key: image(key[0], pipe, args.size) for key, pipe in pipes.items()}
-    for a, b in ((("ours", "fp32"), ("ref", "fp32")), (("ours", "bf16"), ("ours", "fp32")),
-                 (("ref", "bf16"), ("ref", "fp32")), (("ours", "bf16"), ("ref", "bf16"))):
+    for a, b in (
+        (("ours", "fp32"), ("ref", "fp32")),
+        (("ours", "bf16"), ("ours", "fp32")),
+        (("ref", "bf16"), ("ref", "fp32")),
+        (("ours", "bf16"), ("ref", "bf16")),
+    ):
         d = np.abs(images[a] - images[b])
         print(f"image {'/'.join(a)} vs {'/'.join(b)}: mean {d.mean():.2f}/255, max {d.max()}", flush=True)
 

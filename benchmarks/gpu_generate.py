@@ -53,8 +53,9 @@ def load_both(folder: Path, device: torch.device, dtype: torch.dtype):
     import diffusers
 
     ours = load_pipeline(folder, device=device, dtype=dtype)
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
-                                                            requires_safety_checker=False).to(device)  # fmt: skip
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
     ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True)
     ref.set_progress_bar_config(disable=True)
     return ours, ref
@@ -79,14 +80,30 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
 
     def run_ours(batch: int):
-        params = GenerationParams(PROMPT, width=args.size, height=args.size, steps=20, sampler="dpmpp_2m",
-                                  schedule="karras", guidance_scale=7.5, seed=0, batch_size=batch)  # fmt: skip
+        params = GenerationParams(
+            PROMPT,
+            width=args.size,
+            height=args.size,
+            steps=20,
+            sampler="dpmpp_2m",
+            schedule="karras",
+            guidance_scale=7.5,
+            seed=0,
+            batch_size=batch,
+        )
         return ours.generate(params)
 
     def run_ref(batch: int):
         generators = [torch.Generator().manual_seed(k) for k in range(batch)]
-        return ref(PROMPT, height=args.size, width=args.size, num_inference_steps=20, guidance_scale=7.5,
-                   generator=generators, num_images_per_prompt=batch).images  # fmt: skip
+        return ref(
+            PROMPT,
+            height=args.size,
+            width=args.size,
+            num_inference_steps=20,
+            guidance_scale=7.5,
+            generator=generators,
+            num_images_per_prompt=batch,
+        ).images
 
     rows = []
     for batch in (1, 4):
@@ -96,26 +113,47 @@ def main() -> None:
         for _ in range(args.repeats):
             for who, fn in runs.items():
                 times[who].append(measured(fn, device)[0])
-        pixels = [np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)
-                  for a, b in zip(first["ours"][2], first["diffusers"][2], strict=True)]  # fmt: skip
-        row = {"batch": batch, "ours_s": statistics.median(times["ours"]),
-               "diffusers_s": statistics.median(times["diffusers"]),
-               "ours_peak_bytes": first["ours"][1], "diffusers_peak_bytes": first["diffusers"][1],
-               "max_pixel_diff": int(max(int(np.abs(p).max()) for p in pixels)),
-               "mean_pixel_diff": float(np.mean([np.abs(p).mean() for p in pixels])),
-               "ours_times": times["ours"], "diffusers_times": times["diffusers"]}  # fmt: skip
+        pixels = [
+            np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)
+            for a, b in zip(first["ours"][2], first["diffusers"][2], strict=True)
+        ]
+        row = {
+            "batch": batch,
+            "ours_s": statistics.median(times["ours"]),
+            "diffusers_s": statistics.median(times["diffusers"]),
+            "ours_peak_bytes": first["ours"][1],
+            "diffusers_peak_bytes": first["diffusers"][1],
+            "max_pixel_diff": int(max(int(np.abs(p).max()) for p in pixels)),
+            "mean_pixel_diff": float(np.mean([np.abs(p).mean() for p in pixels])),
+            "ours_times": times["ours"],
+            "diffusers_times": times["diffusers"],
+        }
         row["diffusers_over_ours"] = row["diffusers_s"] / row["ours_s"]
         rows.append(row)
-        print(f"batch {batch}: ours {row['ours_s']:.3f} s, diffusers {row['diffusers_s']:.3f} s "
-              f"(ratio {row['diffusers_over_ours']:.3f}); peak {row['ours_peak_bytes'] / 2**30:.2f} / "
-              f"{row['diffusers_peak_bytes'] / 2**30:.2f} GiB; max pixel diff {row['max_pixel_diff']}, "
-              f"mean {row['mean_pixel_diff']:.3f}", flush=True)  # fmt: skip
+        print(
+            f"batch {batch}: ours {row['ours_s']:.3f} s, diffusers {row['diffusers_s']:.3f} s "
+            f"(ratio {row['diffusers_over_ours']:.3f}); peak {row['ours_peak_bytes'] / 2**30:.2f} / "
+            f"{row['diffusers_peak_bytes'] / 2**30:.2f} GiB; max pixel diff {row['max_pixel_diff']}, "
+            f"mean {row['mean_pixel_diff']:.3f}",
+            flush=True,
+        )
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    result = {"benchmark": "gpu_generate", "device": where, "torch": torch.__version__,
-              "diffusers": diffusers.__version__,
-              "preset": args.preset, "size": args.size, "dtype": args.dtype, "steps": 20, "sampler": "dpmpp_2m karras",
-              "guidance": 7.5, "repeats": args.repeats, "setup_s": setup_s, "date": time.strftime("%Y-%m-%d"),
-              "rows": rows}  # fmt: skip
+    result = {
+        "benchmark": "gpu_generate",
+        "device": where,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "preset": args.preset,
+        "size": args.size,
+        "dtype": args.dtype,
+        "steps": 20,
+        "sampler": "dpmpp_2m karras",
+        "guidance": 7.5,
+        "repeats": args.repeats,
+        "setup_s": setup_s,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

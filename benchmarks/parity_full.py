@@ -49,10 +49,16 @@ def unet_parity(pipe, repeats: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     cfg = pipe.spec.unet
-    ref = UNet2DConditionModel(**{k: v for k, v in convert.unet_config_to_diffusers(cfg.to_dict()).items()
-                                  if not k.startswith("_")}, sample_size=64).eval()  # fmt: skip
-    ref.load_state_dict(convert.unet_ours_to_diffusers(pipe.unet.state_dict(), cfg.channel_mult, cfg.num_res_blocks,
-                                                       cfg.attention_levels), strict=True)  # fmt: skip
+    ref = UNet2DConditionModel(
+        **{k: v for k, v in convert.unet_config_to_diffusers(cfg.to_dict()).items() if not k.startswith("_")},
+        sample_size=64,
+    ).eval()
+    ref.load_state_dict(
+        convert.unet_ours_to_diffusers(
+            pipe.unet.state_dict(), cfg.channel_mult, cfg.num_res_blocks, cfg.attention_levels
+        ),
+        strict=True,
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 64, 64, generator=g)
     t = torch.tensor([500.0])
@@ -77,9 +83,16 @@ def text_parity(pipe) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     t = pipe.spec.text
-    ref = CLIPTextModel(CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.width * 4,
-                                       num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                                       hidden_act=t.activation)).eval()  # fmt: skip
+    ref = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.width,
+            intermediate_size=t.width * 4,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            hidden_act=t.activation,
+        )
+    ).eval()
     # transformers 5 names the text tower's modules exactly as we do (no `text_model.` prefix).
     ref.load_state_dict(pipe.text_encoder.state_dict(), strict=True)
     ids = torch.tensor(pipe.tokenizer(["a photograph of an astronaut riding a horse", "a red circle"]))
@@ -104,8 +117,12 @@ print(after_load, {PEAK_RSS}, elapsed)
 def loading_memory(pipe, folder: Path) -> dict:
     path = save(pipe, folder / "sd15-random.safetensors")
     size = path.stat().st_size
-    base = subprocess.run([sys.executable, "-c", f"import torch, stablediff.loading; print({PEAK_RSS})"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    base = subprocess.run(
+        [sys.executable, "-c", f"import torch, stablediff.loading; print({PEAK_RSS})"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(path)], capture_output=True, text=True, check=True)
     after_load, after_touch, seconds = out.stdout.split()
     import_rss = int(base.stdout)

@@ -19,8 +19,13 @@ from pathlib import Path
 
 import torch
 
-SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-            "unipc": "UniPCMultistepScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}  # fmt: skip
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+}
 
 
 class UNetTimer:
@@ -65,8 +70,11 @@ def measure_ours(pipe, sampler: str, steps: int, repeats: int) -> dict:
             shares.append((loop - timer.total) / loop)
             loops.append(loop)
     pipe.encode_prompt = original
-    return {"overhead_share": statistics.median(shares), "loop_s": statistics.median(loops),
-            "unet_calls_per_run": timer.calls // (repeats + 1)}  # fmt: skip
+    return {
+        "overhead_share": statistics.median(shares),
+        "loop_s": statistics.median(loops),
+        "unet_calls_per_run": timer.calls // (repeats + 1),
+    }
 
 
 def measure_diffusers(folder: Path, scheduler: str, steps: int, repeats: int) -> dict:
@@ -83,8 +91,14 @@ def measure_diffusers(folder: Path, scheduler: str, steps: int, repeats: int) ->
             embeds = pipe.encode_prompt(prompt, "cpu", 1, True, "")
             timer.total = 0.0
             t0 = time.perf_counter()
-            pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=64, width=64,
-                 num_inference_steps=steps, output_type="latent")  # fmt: skip
+            pipe(
+                prompt_embeds=embeds[0],
+                negative_prompt_embeds=embeds[1],
+                height=64,
+                width=64,
+                num_inference_steps=steps,
+                output_type="latent",
+            )
             loop = time.perf_counter() - t0
             if i:
                 shares.append((loop - timer.total) / loop)
@@ -112,11 +126,17 @@ def main() -> None:
             ours = measure_ours(pipe, sampler, args.steps, args.repeats)
             ref = measure_diffusers(folder, scheduler, args.steps, args.repeats)
             rows[sampler] = {"ours": ours, "diffusers": ref}
-            print(f"{sampler:10s} ours: {ours['overhead_share']:6.1%} of a {ours['loop_s'] * 1e3:6.1f} ms loop   "
-                  f"diffusers: {ref['overhead_share']:6.1%} of a {ref['loop_s'] * 1e3:6.1f} ms loop")  # fmt: skip
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "model": "tiny preset, 64x64, CFG 7.5", "steps": args.steps,
-              "samplers": rows}  # fmt: skip
+            print(
+                f"{sampler:10s} ours: {ours['overhead_share']:6.1%} of a {ours['loop_s'] * 1e3:6.1f} ms loop   "
+                f"diffusers: {ref['overhead_share']:6.1%} of a {ref['loop_s'] * 1e3:6.1f} ms loop"
+            )
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": "tiny preset, 64x64, CFG 7.5",
+        "steps": args.steps,
+        "samplers": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -56,8 +56,10 @@ def build_pair(cfg: UNetConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
         p.data.normal_(0, 0.02)
     kwargs = {k: v for k, v in convert.unet_config_to_diffusers(cfg.to_dict()).items() if not k.startswith("_")}
     ref = UNet2DConditionModel(**kwargs)
-    ref.load_state_dict(convert.unet_ours_to_diffusers(ours.state_dict(), cfg.channel_mult, cfg.num_res_blocks,
-                                                       cfg.attention_levels), strict=True)  # fmt: skip
+    ref.load_state_dict(
+        convert.unet_ours_to_diffusers(ours.state_dict(), cfg.channel_mult, cfg.num_res_blocks, cfg.attention_levels),
+        strict=True,
+    )
     return ours.train(), ref.train()
 
 
@@ -91,16 +93,19 @@ def timed(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench(name: str, cfg: UNetConfig, side: int, batch_size: int, rounds: int, steps: int,
-          device: torch.device, compile: bool) -> list[dict]:  # fmt: skip
+def bench(
+    name: str, cfg: UNetConfig, side: int, batch_size: int, rounds: int, steps: int, device: torch.device, compile: bool
+) -> list[dict]:
     ours, ref = (m.to(device) for m in build_pair(cfg))
     if compile:  # the compiled wrappers share the parameters, so the optimizers are unchanged
         ours, ref = torch.compile(ours), torch.compile(ref)
     g = torch.Generator().manual_seed(0)
-    batch = {"x": torch.randn(batch_size, cfg.in_channels, side, side, generator=g),
-             "t": torch.randint(0, 1000, (batch_size,), generator=g).float(),
-             "context": torch.randn(batch_size, 77, cfg.context_dim, generator=g),
-             "target": torch.randn(batch_size, cfg.out_channels, side, side, generator=g)}  # fmt: skip
+    batch = {
+        "x": torch.randn(batch_size, cfg.in_channels, side, side, generator=g),
+        "t": torch.randint(0, 1000, (batch_size,), generator=g).float(),
+        "context": torch.randn(batch_size, 77, cfg.context_dim, generator=g),
+        "target": torch.randn(batch_size, cfg.out_channels, side, side, generator=g),
+    }
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad():  # same weights, same numbers: the comparison is of the same computation
         reference = ref(batch["x"], batch["t"], batch["context"]).sample
@@ -115,17 +120,29 @@ def bench(name: str, cfg: UNetConfig, side: int, batch_size: int, rounds: int, s
             for who, step in pair.items():
                 times[who].append(timed(step, steps, device))
         ours_s, ref_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
-        rows.append({"config": name, "precision": "bf16-autocast" if bf16 else "fp32", "compiled": compile,
-                     "batch": batch_size,
-                     "latent": side, "params_m": sum(p.numel() for p in ours.parameters()) / 1e6,
-                     "ours_images_per_s": batch_size / ours_s, "diffusers_images_per_s": batch_size / ref_s,
-                     "ours_over_diffusers": ref_s / ours_s, "forward_max_abs_diff": float(diff.abs().max()),
-                     "forward_max_abs": float(reference.abs().max()),
-                     "ours_step_s": times["ours"], "diffusers_step_s": times["diffusers"]})  # fmt: skip
+        rows.append(
+            {
+                "config": name,
+                "precision": "bf16-autocast" if bf16 else "fp32",
+                "compiled": compile,
+                "batch": batch_size,
+                "latent": side,
+                "params_m": sum(p.numel() for p in ours.parameters()) / 1e6,
+                "ours_images_per_s": batch_size / ours_s,
+                "diffusers_images_per_s": batch_size / ref_s,
+                "ours_over_diffusers": ref_s / ours_s,
+                "forward_max_abs_diff": float(diff.abs().max()),
+                "forward_max_abs": float(reference.abs().max()),
+                "ours_step_s": times["ours"],
+                "diffusers_step_s": times["diffusers"],
+            }
+        )
         row = rows[-1]
-        print(f"{name:13s} {row['precision']:14s} ours {row['ours_images_per_s']:8.2f} img/s   "
-              f"diffusers {row['diffusers_images_per_s']:8.2f} img/s   ratio {row['ours_over_diffusers']:.3f}",
-              flush=True)  # fmt: skip
+        print(
+            f"{name:13s} {row['precision']:14s} ours {row['ours_images_per_s']:8.2f} img/s   "
+            f"diffusers {row['diffusers_images_per_s']:8.2f} img/s   ratio {row['ours_over_diffusers']:.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -152,15 +169,26 @@ def main() -> None:
     start = time.perf_counter()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
-    rows = [row for name, (cfg, side, batch) in configs.items()
-            for row in bench(name, cfg, side, batch * factor, rounds, steps, device, args.compile)]
+    rows = [
+        row
+        for name, (cfg, side, batch) in configs.items()
+        for row in bench(name, cfg, side, batch * factor, rounds, steps, device, args.compile)
+    ]
     import diffusers
 
-    result = {"benchmark": "train_throughput", "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "device": where,
-              "python": platform.python_version(),
-              "rounds": rounds, "steps_per_round": steps, "seconds": time.perf_counter() - start,
-              "rows": rows}  # fmt: skip
+    result = {
+        "benchmark": "train_throughput",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "device": where,
+        "python": platform.python_version(),
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
     if args.quick and not args.out:
         return
     default = "train_throughput_compiled.json" if args.compile else "train_throughput.json"

@@ -76,10 +76,15 @@ def build_reference(style: str, seed: int = 0, in_channels: int = 4):
         _randomize(m, seed * 10 + i)
     tokenizer = CLIPTokenizer.default(pad_token="!" if sd2 else "<|endoftext|>")
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="v_prediction" if sd2 else "epsilon", skip_prk_steps=True, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+        skip_prk_steps=True,
+        steps_offset=1,
         set_alpha_to_one=False,
-    )  # fmt: skip
+    )
     return unet, vae, text, tokenizer, scheduler
 
 

@@ -32,8 +32,20 @@ def pixels(path) -> np.ndarray:
 
 
 def test_generate_info_and_reproduce_from_png(tmp_path, capsys):
-    code, out, _ = run(capsys, "generate", "a red circle", *SMALL, "--seed", "7", "--batch", "4",
-                       "--model", "tiny", "--out", str(tmp_path / "a"))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "a red circle",
+        *SMALL,
+        "--seed",
+        "7",
+        "--batch",
+        "4",
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "a"),
+    )
     assert code == 0
     paths = out.split()
     assert [p.rsplit("/", 1)[1] for p in paths] == ["00000-7.png", "00001-8.png", "00002-9.png", "00003-10.png"]
@@ -72,8 +84,19 @@ def test_default_size_is_the_models_own(tmp_path, capsys):
     assert "Size: 64x64" in used.to_a1111() and used.to_json_dict()["width"] == 64
     assert (params.width, params.height) == (None, None)  # the caller's params are not changed
 
-    code, out, _ = run(capsys, "generate", "a red circle", "--steps", "2", "--seed", "0", "--model", "tiny",
-                       "--out", str(tmp_path / "cli"))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "a red circle",
+        "--steps",
+        "2",
+        "--seed",
+        "0",
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "cli"),
+    )
     assert code == 0
     meta = read_png_metadata(out.strip())
     assert Image.open(out.strip()).size == (64, 64) and "Size: 64x64" in meta["parameters"]
@@ -82,8 +105,19 @@ def test_default_size_is_the_models_own(tmp_path, capsys):
 
     assert pipe.generate(GenerationParams("a red circle", width=48, height=32, steps=2))[0].size == (48, 32)
     assert pipe.generate(GenerationParams("a red circle", width=48, steps=2))[0].size == (48, 64)
-    code, out, _ = run(capsys, "generate", "a red circle", "--steps", "2", "--width", "32", "--model", "tiny",
-                       "--out", str(tmp_path / "cli"))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "a red circle",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "cli"),
+    )
     assert code == 0 and Image.open(out.strip()).size == (32, 64)
     assert "Size: 32x64" in read_png_metadata(out.strip())["parameters"]
 
@@ -102,14 +136,17 @@ def test_never_overwrites(tmp_path, capsys):
     assert sorted(p.name for p in out_dir.iterdir()) == ["00000-1.png", "00001-1.png"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--width", "60"], "width must be a positive multiple of 8, got 60"),
-    (["--height", "0"], "height must be a positive multiple of 8, got 0"),
-    (["--steps", "0"], "steps must be an int >= 1, got 0"),
-    (["--cfg", "nan"], "guidance_scale must be a finite number, got (nan|inf)"),
-    (["--cfg", "inf"], "guidance_scale must be a finite number, got (nan|inf)"),
-    (["--sampler", "magic"], "unknown sampler 'magic'.*ddim"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "60"], "width must be a positive multiple of 8, got 60"),
+        (["--height", "0"], "height must be a positive multiple of 8, got 0"),
+        (["--steps", "0"], "steps must be an int >= 1, got 0"),
+        (["--cfg", "nan"], "guidance_scale must be a finite number, got (nan|inf)"),
+        (["--cfg", "inf"], "guidance_scale must be a finite number, got (nan|inf)"),
+        (["--sampler", "magic"], "unknown sampler 'magic'.*ddim"),
+    ],
+)
 def test_bad_input_clear_error_and_no_file(tmp_path, capsys, args, message):
     out_dir = tmp_path / "o"
     code, _, err = run(capsys, "generate", "x", "--model", "tiny", "--out", str(out_dir), *args)
@@ -122,8 +159,20 @@ def test_img2img_strength_errors(tmp_path, capsys):
     init = tmp_path / "in.png"
     Image.new("RGB", (64, 64), "red").save(init)
     for strength, message in (("1.5", "strength must be in"), ("0.01", "leaves zero steps")):
-        code, _, err = run(capsys, "img2img", "x", "--init", str(init), "--strength", strength, *SMALL,
-                           "--model", "tiny", "--out", str(tmp_path / "o"))  # fmt: skip
+        code, _, err = run(
+            capsys,
+            "img2img",
+            "x",
+            "--init",
+            str(init),
+            "--strength",
+            strength,
+            *SMALL,
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path / "o"),
+        )
         assert code == 2 and message in err, err
     assert not (tmp_path / "o").exists()
 
@@ -132,14 +181,36 @@ def test_inpaint_mask_size_and_bad_images(tmp_path, capsys):
     init, mask = tmp_path / "in.png", tmp_path / "mask.png"
     Image.new("RGB", (64, 64), "red").save(init)
     Image.new("L", (32, 32), 255).save(mask)
-    code, _, err = run(capsys, "inpaint", "x", "--init", str(init), "--mask", str(mask), *SMALL,
-                       "--model", "tiny", "--out", str(tmp_path / "o"))  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "inpaint",
+        "x",
+        "--init",
+        str(init),
+        "--mask",
+        str(mask),
+        *SMALL,
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 2 and "mask size 32x32 differs from the image size 64x64" in err, err
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "corrupt.png").write_bytes(init.read_bytes()[:60])
     for bad, message in (("empty.png", "empty"), ("corrupt.png", "corrupt or truncated")):
-        code, _, err = run(capsys, "img2img", "x", "--init", str(tmp_path / bad), *SMALL, "--model", "tiny",
-                           "--out", str(tmp_path / "o"))  # fmt: skip
+        code, _, err = run(
+            capsys,
+            "img2img",
+            "x",
+            "--init",
+            str(tmp_path / bad),
+            *SMALL,
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path / "o"),
+        )
         assert code == 2 and message in err, err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -205,8 +276,20 @@ def test_dataset_shapes_command(tmp_path, capsys):
 def test_eval_command_small_suite(tmp_path, capsys):
     import json
 
-    code, out, _ = run(capsys, "eval", "--model", "tiny", "--n", "2", "--steps", "3", "--suites", "single,relation",
-                       "--out", str(tmp_path / "ev"))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--model",
+        "tiny",
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--suites",
+        "single,relation",
+        "--out",
+        str(tmp_path / "ev"),
+    )
     assert code == 0 and "judge" in out.lower()
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(result["suites"]) == {"single", "relation"}
@@ -220,11 +303,32 @@ def test_train_commands_end_to_end(tmp_path, capsys):
     assert run(capsys, "train", "tokenizer", *common, "--out", str(tmp_path / "tok"), "--vocab_size=560")[0] == 0
     tok = str(tmp_path / "tok")
     for stage in ("vae", "text"):
-        code, out, err = run(capsys, "train", stage, *common, "--out", str(tmp_path / stage), "--model=tiny",
-                             "--steps=2", "--batch_size=4", f"--tokenizer={tok}")  # fmt: skip
+        code, out, err = run(
+            capsys,
+            "train",
+            stage,
+            *common,
+            "--out",
+            str(tmp_path / stage),
+            "--model=tiny",
+            "--steps=2",
+            "--batch_size=4",
+            f"--tokenizer={tok}",
+        )
         assert code == 0, err
-    unet = ["train", "unet", *common, "--out", str(tmp_path / "unet"), "--model=tiny", "--steps=4", "--batch_size=4",
-            f"--vae={tmp_path / 'vae'}", f"--text={tmp_path / 'text'}", "--save_every=2"]  # fmt: skip
+    unet = [
+        "train",
+        "unet",
+        *common,
+        "--out",
+        str(tmp_path / "unet"),
+        "--model=tiny",
+        "--steps=4",
+        "--batch_size=4",
+        f"--vae={tmp_path / 'vae'}",
+        f"--text={tmp_path / 'text'}",
+        "--save_every=2",
+    ]
     code, out, err = run(capsys, *unet)
     assert code == 0, err
     model = out.strip().splitlines()[-1]
@@ -246,10 +350,20 @@ def test_train_strict_stops_at_a_bad_file(tmp_path, capsys):
     (folder / "zz-broken.png").write_bytes(b"not an image at all")
     (folder / "metadata.jsonl").unlink()  # read the image/.txt pairs, where the broken file is listed
     (folder / "zz-broken.txt").write_text("a broken file")
-    code, _, err = run(capsys, "train", "tokenizer", "--data", str(folder), "--out", str(tmp_path / "t"),
-                       "--vocab_size=560", "--strict=true")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "train",
+        "tokenizer",
+        "--data",
+        str(folder),
+        "--out",
+        str(tmp_path / "t"),
+        "--vocab_size=560",
+        "--strict=true",
+    )
     assert code == 2 and "zz-broken.png" in err, err
     assert not (tmp_path / "t").exists()
-    code, _, err = run(capsys, "train", "tokenizer", "--data", str(folder), "--out", str(tmp_path / "t"),
-                       "--vocab_size=560")  # fmt: skip
+    code, _, err = run(
+        capsys, "train", "tokenizer", "--data", str(folder), "--out", str(tmp_path / "t"), "--vocab_size=560"
+    )
     assert code == 0, err

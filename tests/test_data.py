@@ -87,9 +87,15 @@ def test_metadata_jsonl_layout(tmp_path):
     _image(seed=1).save(tmp_path / "a.png")
     _image(seed=2).save(tmp_path / "b.png")
     (tmp_path / "b.txt").write_text("ignored: metadata wins")
-    lines = [json.dumps({"file_name": "a.png", "text": "first"}), "", json.dumps({"file": "b.png", "text": "second"}),
-             "{not json", json.dumps({"file_name": "c.png", "text": "missing"}),
-             json.dumps({"file_name": "../x.png", "text": "outside"}), json.dumps({"file_name": "a.png"})]
+    lines = [
+        json.dumps({"file_name": "a.png", "text": "first"}),
+        "",
+        json.dumps({"file": "b.png", "text": "second"}),
+        "{not json",
+        json.dumps({"file_name": "c.png", "text": "missing"}),
+        json.dumps({"file_name": "../x.png", "text": "outside"}),
+        json.dumps({"file_name": "a.png"}),
+    ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
     ds = CaptionedFolder(tmp_path, size=8)
     assert [ds[i][1] for i in range(len(ds))] == ["first", "second"]
@@ -110,9 +116,15 @@ def _bad_files(folder) -> dict[str, str]:
     _pair(folder, "nocaption", _image(), text=None)
     _pair(folder, "latin1", _image())
     (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    return {"empty": "empty file (0 bytes)", "text": "not an image", "truncated": "corrupt or truncated",
-            "tiny": "image too small (1x1", "thin": "image too small (40x7", "nocaption": "missing caption file",
-            "latin1": "not UTF-8"}
+    return {
+        "empty": "empty file (0 bytes)",
+        "text": "not an image",
+        "truncated": "corrupt or truncated",
+        "tiny": "image too small (1x1",
+        "thin": "image too small (40x7",
+        "nocaption": "missing caption file",
+        "latin1": "not UTF-8",
+    }
 
 
 def test_bad_files_are_skipped_counted_and_logged(tmp_path, caplog):

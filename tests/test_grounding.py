@@ -34,8 +34,11 @@ def test_object_word_spans_follow_caption_order_and_synonyms():
 
 
 def test_caption_regions_box_each_object_where_it_was_drawn():
-    scene = Scene("white", (ShapeObject("circle", "red", "small", "top left"),
-                            ShapeObject("square", "blue", "large", "bottom right")), "left of")  # fmt: skip
+    scene = Scene(
+        "white",
+        (ShapeObject("circle", "red", "small", "top left"), ShapeObject("square", "blue", "large", "bottom right")),
+        "left of",
+    )
     placements = layout(scene, 64)  # no jitter: boxes centred on the cells
     text = "a large blue square to the right of a red circle"  # the second object named first
     regions = caption_regions(text, scene, placements, 64)
@@ -171,8 +174,18 @@ def test_unet_stage_trains_with_the_grounding_loss(tmp_path):
     from stablediff.train.data import CaptionDropout
     from stablediff.train.stages.unet import UNetStage
 
-    config = TrainConfig(stage="unet", data="shapes", out=str(tmp_path), shapes_size=8, resolution=32, batch_size=4,
-                         eval_size=4, caption_dropout=0.5, grounding_weight=0.5, seed=3)  # fmt: skip
+    config = TrainConfig(
+        stage="unet",
+        data="shapes",
+        out=str(tmp_path),
+        shapes_size=8,
+        resolution=32,
+        batch_size=4,
+        eval_size=4,
+        caption_dropout=0.5,
+        grounding_weight=0.5,
+        seed=3,
+    )
     stage = UNetStage(config, torch.device("cpu"))
     items = [stage.dataset()[i] for i in range(8)]
     assert isinstance(stage.dataset(), CaptionDropout)

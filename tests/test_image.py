@@ -33,14 +33,17 @@ def pixels(img: Image.Image) -> np.ndarray:
 
 def png_bytes(width: int, height: int, bit_depth: int, color_type: int, raw_rows: list[bytes]) -> bytes:
     """A minimal PNG written by hand, for formats PIL cannot write (16-bit RGB)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     data = zlib.compress(b"".join(b"\x00" + row for row in raw_rows))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 # ---- loading ------------------------------------------------------------------------------------
+
 
 def test_rgba_and_la_are_composited_on_white(tmp_path):
     rgba = Image.new("RGBA", (2, 1))
@@ -152,12 +155,15 @@ def test_load_mask_modes():
 
 # ---- tensors: equal to diffusers' VaeImageProcessor ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def processors():
     from diffusers import image_processor as vip
+
     image = vip.VaeImageProcessor(vae_scale_factor=8)
-    mask = vip.VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
-                                 do_convert_grayscale=True)  # as in the SD inpaint pipeline
+    mask = vip.VaeImageProcessor(
+        vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )  # as in the SD inpaint pipeline
     return image, mask
 
 
@@ -287,6 +293,7 @@ def test_unwritable_folders_leave_nothing(tmp_path, monkeypatch):
         m.setattr(os, "open", refuse)
         with pytest.raises(PermissionError, match=f"folder {tmp_path} is not writable"):
             save_png(img, tmp_path / "out.png", "p", {})
+
     # The rename fails after the temp file is written: the temp file must be removed.
     def fail(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

@@ -41,7 +41,8 @@ def _scene_for(spec: SceneSpec, seed: int, recolor: dict[str, str] | None = None
         cells = list(rng.choice(pairs))
     objects = tuple(
         ShapeObject(o.shape, (recolor or {}).get(o.color, o.color), o.size or rng.choice(list(SIZES)), cell)
-        for o, cell in zip(spec.objects, cells, strict=True))
+        for o, cell in zip(spec.objects, cells, strict=True)
+    )
     return Scene(spec.background or "white", objects, spec.relation)
 
 
@@ -64,8 +65,7 @@ def test_judge_accuracy_on_rendered_ground_truth(degraded, floor):
     for key in ("color", "shape", "size", "position", "relation", "background", "count", "overall"):
         assert acc[key] >= floor, (key, acc)
     # one- and two-object scenes, every background
-    assert set(acc["by_group"]) == {"1 objects", "2 objects", "white background", "black background",
-                                    "gray background"}
+    assert set(acc["by_group"]) == {"1 objects", "2 objects", "white background", "black background", "gray background"}
     assert min(acc["by_group"].values()) >= floor, acc["by_group"]
 
 
@@ -109,18 +109,27 @@ def test_judge_wrong_attributes_and_missing_objects():
     assert verdict.detected == () and verdict.objects[0].detected is None and not verdict.count
     assert judge(Image.new("RGB", (64, 64), COLORS["red"]), spec).detected_background is None
     # an extra object breaks the count
-    extra = Scene("gray", (ShapeObject("star", "green", "small", "bottom"),
-                           ShapeObject("circle", "blue", "small", "top")), "below")
+    extra = Scene(
+        "gray",
+        (ShapeObject("star", "green", "small", "bottom"), ShapeObject("circle", "blue", "small", "top")),
+        "below",
+    )
     verdict = judge(render(extra, 64), spec)
     assert verdict.objects[0].correct and not verdict.count and not verdict.all_correct
 
 
 def test_relation_follows_positions():
     spec = parse_caption("a red circle to the left of a blue square on a white background")
-    right = Scene("white", (ShapeObject("circle", "red", "small", "left"),
-                            ShapeObject("square", "blue", "large", "right")), "left of")
-    swapped = Scene("white", (ShapeObject("circle", "red", "small", "right"),
-                              ShapeObject("square", "blue", "large", "left")), "right of")
+    right = Scene(
+        "white",
+        (ShapeObject("circle", "red", "small", "left"), ShapeObject("square", "blue", "large", "right")),
+        "left of",
+    )
+    swapped = Scene(
+        "white",
+        (ShapeObject("circle", "red", "small", "right"), ShapeObject("square", "blue", "large", "left")),
+        "right of",
+    )
     assert judge(render(right, 64), spec).relation is True
     verdict = judge(render(swapped, 64), spec)
     assert verdict.relation is False and not verdict.all_correct

@@ -108,7 +108,7 @@ def test_ema_weights_used_when_present(tmp_path):
     ema = {}
     for k, v in list(sd.items()):
         if k.startswith("model.diffusion_model."):
-            ema["model_ema." + k[len("model."):].replace(".", "")] = v + 1.0
+            ema["model_ema." + k[len("model.") :].replace(".", "")] = v + 1.0
     path = tmp_path / "ema.safetensors"
     save_file({**sd, **ema}, path)
     key = "input_blocks.0.0.weight"
@@ -182,10 +182,18 @@ def test_diffusers_scheduler_config_carries_the_schedule(tmp_path):
     pipe = load_pipeline("tiny")
     folder = save(pipe, tmp_path / "default", layout="diffusers")
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == {
-        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-        "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
-        "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
-    }  # fmt: skip
+        "_class_name": "PNDMScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    }
     # a folder without our metadata: the schedule and prediction type come from scheduler_config.json
     pipe.spec = dataclasses.replace(pipe.spec, schedule=_LINEAR, prediction_type="v_prediction")
     folder = save(pipe, tmp_path / "linear", layout="diffusers")

@@ -32,8 +32,11 @@ def test_wrong_shape_names_key_and_both_shapes(tiny_file, tmp_path):
     sd["model.diffusion_model.out.2.weight"] = torch.zeros(4, 32, 3, 3 + 1)
     bad = tmp_path / "bad.safetensors"
     save_file(sd, bad)
-    with pytest.raises(WeightMismatchError, match=r"'out.2.weight' has shape \(4, 32, 3, 4\) in the checkpoint "
-                                                  r"but \(4, 32, 3, 3\)"):  # fmt: skip
+    with pytest.raises(
+        WeightMismatchError,
+        match=r"'out.2.weight' has shape \(4, 32, 3, 4\) in the checkpoint "
+        r"but \(4, 32, 3, 3\)",
+    ):
         load_pipeline(bad)
 
 
@@ -78,8 +81,12 @@ def test_huge_header_and_overlapping_offsets(tmp_path):
     huge.write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(CheckpointError, match="header"):
         load_pipeline(huge)
-    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        }
+    ).encode()
     overlap = tmp_path / "overlap.safetensors"
     overlap.write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
     with pytest.raises(CheckpointError, match="overlap"):

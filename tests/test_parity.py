@@ -114,8 +114,14 @@ def test_sd2_penultimate_layer_matches_reference():
     from stablediff.weights import convert
 
     ref = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=48, intermediate_size=192, num_hidden_layers=4,
-                       num_attention_heads=4, hidden_act="gelu")  # fmt: skip
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=48,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            hidden_act="gelu",
+        )
     ).eval()
     from reference import _randomize
 

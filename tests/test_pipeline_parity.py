@@ -42,10 +42,21 @@ def _reference_pipeline(kind: str, parts, folder, scheduler: str, options: dict)
     if scheduler == "DDIMScheduler":  # SD's own DDIM settings
         options = {**options, "set_alpha_to_one": False, "clip_sample": False}
     sched = scheduler_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **options)
-    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]  # fmt: skip
-    return cls(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=unet,
-               scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    cls = {
+        "txt2img": diffusers.StableDiffusionPipeline,
+        "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+        "inpaint": diffusers.StableDiffusionInpaintPipeline,
+    }[kind]
+    return cls(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _test_image(seed: int) -> Image.Image:
@@ -73,10 +84,25 @@ def test_pipeline_matches_diffusers(models, kind, sampler, schedule):
     parts, folder, pipe = models["inpaint" if kind == "inpaint-9ch" else "sd1"]
     scheduler, options = SAMPLERS[(sampler, schedule)]
     ref = _reference_pipeline(kind.split("-")[0], parts, folder, scheduler, options)
-    params = GenerationParams(PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=9, guidance_scale=7.5,
-                              sampler=sampler, schedule=schedule, seed=1234)  # fmt: skip
-    call = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "num_inference_steps": 9, "guidance_scale": 7.5,
-            "generator": torch.Generator().manual_seed(1234), "output_type": "np"}  # fmt: skip
+    params = GenerationParams(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        width=64,
+        height=64,
+        steps=9,
+        guidance_scale=7.5,
+        sampler=sampler,
+        schedule=schedule,
+        seed=1234,
+    )
+    call = {
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE,
+        "num_inference_steps": 9,
+        "guidance_scale": 7.5,
+        "generator": torch.Generator().manual_seed(1234),
+        "output_type": "np",
+    }
     if kind == "txt2img":
         call.update(height=64, width=64)
     elif kind == "img2img":
@@ -94,11 +120,21 @@ def test_inpaint_partial_strength_matches_diffusers(models):
     parts, folder, pipe = models["sd1"]
     ref = _reference_pipeline("inpaint", parts, folder, "DDIMScheduler", {})
     image, mask = _test_image(3), _mask()
-    params = GenerationParams(PROMPT, width=64, height=64, steps=10, sampler="ddim", seed=7, init_image=image,
-                              mask=mask, strength=0.7)  # fmt: skip
+    params = GenerationParams(
+        PROMPT, width=64, height=64, steps=10, sampler="ddim", seed=7, init_image=image, mask=mask, strength=0.7
+    )
     with torch.no_grad():
-        expected = ref(PROMPT, image=image, mask_image=mask, height=64, width=64, strength=0.7, num_inference_steps=10,
-                       generator=torch.Generator().manual_seed(7), output_type="np").images[0]  # fmt: skip
+        expected = ref(
+            PROMPT,
+            image=image,
+            mask_image=mask,
+            height=64,
+            width=64,
+            strength=0.7,
+            num_inference_steps=10,
+            generator=torch.Generator().manual_seed(7),
+            output_type="np",
+        ).images[0]
     _compare(pipe.generate(params)[0], expected, "inpaint strength 0.7")
 
 
@@ -108,8 +144,9 @@ def test_explicit_latents_match_diffusers(models):
     latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(99))  # tiny VAE: 2x downscale
     params = GenerationParams(PROMPT, width=64, height=64, steps=8, sampler="euler", seed=0, latents=latents)
     with torch.no_grad():
-        expected = ref(PROMPT, height=64, width=64, num_inference_steps=8, latents=latents.clone(),
-                       output_type="np").images[0]  # fmt: skip
+        expected = ref(
+            PROMPT, height=64, width=64, num_inference_steps=8, latents=latents.clone(), output_type="np"
+        ).images[0]
     _compare(pipe.generate(params)[0], expected, "explicit latents")
 
 
@@ -128,8 +165,9 @@ def test_batched_images_equal_images_run_one_at_a_time(models, kind):
     are the images run one at a time (the CPU default) within rounding. Euler ancestral draws fresh
     noise every step, per image."""
     _, _, pipe = models["inpaint" if kind == "inpaint-9ch" else "sd1"]
-    params = GenerationParams(PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=6, sampler="euler_a",
-                              seed=40, batch_size=3)  # fmt: skip
+    params = GenerationParams(
+        PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=6, sampler="euler_a", seed=40, batch_size=3
+    )
     if kind != "txt2img":
         params.init_image, params.mask, params.strength = _test_image(4), _mask(), 1.0
     apart = pipe.generate(params)
@@ -146,8 +184,15 @@ def test_batched_images_match_diffusers_with_a_generator_per_image(models):
     ref = _reference_pipeline("txt2img", parts, folder, "EulerAncestralDiscreteScheduler", {})
     params = GenerationParams(PROMPT, width=64, height=64, steps=6, sampler="euler_a", seed=40, batch_size=3)
     with torch.no_grad():
-        expected = ref(PROMPT, height=64, width=64, num_inference_steps=6, num_images_per_prompt=3, output_type="np",
-                       generator=[torch.Generator().manual_seed(40 + k) for k in range(3)]).images  # fmt: skip
+        expected = ref(
+            PROMPT,
+            height=64,
+            width=64,
+            num_inference_steps=6,
+            num_images_per_prompt=3,
+            output_type="np",
+            generator=[torch.Generator().manual_seed(40 + k) for k in range(3)],
+        ).images
     images = _generate_batched(pipe, params)
     for k, (image, reference) in enumerate(zip(images, expected, strict=True)):
         _compare(image, reference, f"batched txt2img image {k}")

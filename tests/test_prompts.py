@@ -30,42 +30,62 @@ def tok_sd2():
 
 
 # Golden cases; the weights of the long case are A1111's own doctest values, to the last bit.
-@pytest.mark.parametrize(("text", "expected"), [
-    ("normal text", [("normal text", 1.0)]),
-    ("", [("", 1.0)]),
-    ("(a)", [("a", 1.1)]),
-    ("((a))", [("a", 1.1 * 1.1)]),
-    ("[a]", [("a", 1 / 1.1)]),
-    ("[[a]]", [("a", (1 / 1.1) * (1 / 1.1))]),
-    ("(a:1.5)", [("a", 1.5)]),
-    ("( a : 0.5 )", [(" a ", 0.5)]),
-    ("(a:-1)", [("a", -1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("((a:1.2) b)", [("a", 1.2 * 1.1), (" b", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    (r"\(literal\]", [("(literal]", 1.0)]),
-    (r"a \\ b", [("a \\ b", 1.0)]),
-    (r"a\b", [("ab", 1.0)]),  # a lone backslash is dropped, as in A1111
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    ("[unbalanced", [("unbalanced", 1 / 1.1)]),
-    ("a) b] c", [("a) b] c", 1.0)]),  # closers without openers are text
-    ("a: 1.5) b", [("a: 1.5) b", 1.0)]),
-    ("(a:.)", [("a:.)", 1.1)]),  # A1111 raises on float("."); we keep it as text
-    ("a BREAK b", [("a", 1.0), BREAK, ("b", 1.0)]),
-    ("a BREAKING break", [("a BREAKING break", 1.0)]),  # uppercase whole word only
-    ("BREAK", [("", 1.0), BREAK, ("", 1.0)]),
-    ("(a BREAK b)", [("a", 1.1), BREAK, ("b", 1.1)]),  # BREAK keeps its meaning inside brackets
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("", [("", 1.0)]),
+        ("(a)", [("a", 1.1)]),
+        ("((a))", [("a", 1.1 * 1.1)]),
+        ("[a]", [("a", 1 / 1.1)]),
+        ("[[a]]", [("a", (1 / 1.1) * (1 / 1.1))]),
+        ("(a:1.5)", [("a", 1.5)]),
+        ("( a : 0.5 )", [(" a ", 0.5)]),
+        ("(a:-1)", [("a", -1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("((a:1.2) b)", [("a", 1.2 * 1.1), (" b", 1.1)]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+            [
+                ("a ", 1.0),
+                ("house", 1.5730000000000004),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641000000000006),
+                (".", 1.1),
+            ],
+        ),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        (r"\(literal\]", [("(literal]", 1.0)]),
+        (r"a \\ b", [("a \\ b", 1.0)]),
+        (r"a\b", [("ab", 1.0)]),  # a lone backslash is dropped, as in A1111
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        ("[unbalanced", [("unbalanced", 1 / 1.1)]),
+        ("a) b] c", [("a) b] c", 1.0)]),  # closers without openers are text
+        ("a: 1.5) b", [("a: 1.5) b", 1.0)]),
+        ("(a:.)", [("a:.)", 1.1)]),  # A1111 raises on float("."); we keep it as text
+        ("a BREAK b", [("a", 1.0), BREAK, ("b", 1.0)]),
+        ("a BREAKING break", [("a BREAKING break", 1.0)]),  # uppercase whole word only
+        ("BREAK", [("", 1.0), BREAK, ("", 1.0)]),
+        ("(a BREAK b)", [("a", 1.1), BREAK, ("b", 1.1)]),  # BREAK keeps its meaning inside brackets
+    ],
+)
 def test_parse_prompt(text, expected):
     assert parse_prompt(text) == expected
 
 
 def test_plain_short_prompts_equal_the_tokenizer(tok, tok_sd2):
-    prompts = ["", "a cat", "a photograph of an astronaut riding a horse, highly detailed, 8k",
-               "A Cat: sitting! on; the mat?", "emoji 🐱 and ünïcödé", "cat " * 75]
+    prompts = [
+        "",
+        "a cat",
+        "a photograph of an astronaut riding a horse, highly detailed, 8k",
+        "A Cat: sitting! on; the mat?",
+        "emoji 🐱 and ünïcödé",
+        "cat " * 75,
+    ]
     for tokenizer in (tok, tok_sd2):
         for text in prompts:
             chunks = tokenize_prompt(tokenizer, text)
@@ -173,7 +193,7 @@ def test_encode_long_prompt_concatenates(tok):
     out = encode_chunks(enc, chunks)
     assert out.shape == (1, 231, 8)
     for i, c in enumerate(chunks):
-        assert torch.equal(out[:, 77 * i: 77 * (i + 1)], enc(torch.tensor([c.ids])))
+        assert torch.equal(out[:, 77 * i : 77 * (i + 1)], enc(torch.tensor([c.ids])))
 
 
 def test_weighted_encoding_restores_the_mean(tok):

@@ -89,7 +89,7 @@ def test_training_time_leaves_out_the_pause_of_a_resumed_run(tmp_path):
 
 
 def test_base_is_looked_up_next_to_the_file_first(tmp_path):
-    (tmp_path / "parent.toml").write_text('[common]\nseed = 3\nresolution = 32\n[vae]\nsteps = 5\n')
+    (tmp_path / "parent.toml").write_text("[common]\nseed = 3\nresolution = 32\n[vae]\nsteps = 5\n")
     (tmp_path / "child.toml").write_text('base = "parent"\n[common]\nseed = 4\n')
     recipe, _ = read_recipe(tmp_path / "child.toml")
     assert recipe["common"] == {"seed": 4, "resolution": 32} and recipe["vae"] == {"steps": 5}
@@ -141,9 +141,14 @@ def test_tiny_recipe_trains_every_stage_resumes_and_packages(tmp_path):
 def test_later_phases_continue_the_phase_before_and_the_last_is_the_packaged_model(tmp_path):
     path = tmp_path / "tiny.toml"
     phase = "steps = 2\nlr = 1e-2\nwarmup_steps = 1\ntrain_text_encoder = true\n"
-    path.write_text(TINY + "[latents.pairs]\nextra_scenes = 8\nobjects = 2\nseed = 11\n"
-                    + '[finetune]\ncontinues = "unet"\n' + phase
-                    + '[relations]\ncontinues = "finetune"\ncache = "pairs"\n' + phase)
+    path.write_text(
+        TINY
+        + "[latents.pairs]\nextra_scenes = 8\nobjects = 2\nseed = 11\n"
+        + '[finetune]\ncontinues = "unet"\n'
+        + phase
+        + '[relations]\ncontinues = "finetune"\ncache = "pairs"\n'
+        + phase
+    )
     out = tmp_path / "run"
     recipe, text = read_recipe(path)
     config = stage_config(recipe, "finetune", out)
@@ -153,13 +158,20 @@ def test_later_phases_continue_the_phase_before_and_the_last_is_the_packaged_mod
     stages = run_recipe(path, out)
     assert list(stages) == ["tokenizer", "vae", "text", "unet", "finetune", "relations"]
     assert final_export(stages) == stages["relations"]["export"] != stages["finetune"]["export"]
-    scenes, pairs = (json.loads(read_metadata(out / name)["captions"])
-                     for name in ("latents.safetensors", "latents-pairs.safetensors"))
+    scenes, pairs = (
+        json.loads(read_metadata(out / name)["captions"])
+        for name in ("latents.safetensors", "latents-pairs.safetensors")
+    )
     assert pairs[:32] == scenes and len(pairs) == 40
     assert all(inverse_relation_caption(c) for c in pairs[32:])  # the appended scenes all have two objects
     model = package_model(final_export(stages), tmp_path / "model.safetensors", text, stages)
-    assert json.loads(read_metadata(model)["stablediff.steps"]) == {"vae": 3, "text": 3, "unet": 3, "finetune": 2,
-                                                                    "relations": 2}
+    assert json.loads(read_metadata(model)["stablediff.steps"]) == {
+        "vae": 3,
+        "text": 3,
+        "unet": 3,
+        "finetune": 2,
+        "relations": 2,
+    }
     phases = [load_pipeline(stages[name]["export"]) for name in ("unet", "finetune", "relations")]
     shipped = load_pipeline(model)
     for name in ("unet", "text_encoder"):  # both networks trained on in each later phase, and shipped

@@ -223,8 +223,15 @@ def _reference_per_step(name: str, sch, steps: int) -> tuple[torch.Tensor, torch
 
 
 # diffusers offers Karras/exponential sigmas only for some schedulers: only those pairs are compared.
-@pytest.mark.parametrize(("name", "schedule"), [(n, s) for s in ("default", "karras", "exponential")
-                                                for n in REFERENCE if s == "default" or n in SIGMA_SCHEDULE_SAMPLERS])
+@pytest.mark.parametrize(
+    ("name", "schedule"),
+    [
+        (n, s)
+        for s in ("default", "karras", "exponential")
+        for n in REFERENCE
+        if s == "default" or n in SIGMA_SCHEDULE_SAMPLERS
+    ],
+)
 def test_timesteps_and_sigmas_match_diffusers(name: str, schedule: str) -> None:
     ns = NoiseSchedule(precision="float32")
     for steps in STEPS:
@@ -582,8 +589,7 @@ def test_min_snr_gamma_weights() -> None:
     floored = min_snr_gamma_weights(t, ns.alphas_cumprod, math.inf, "eps", floor=0.25)
     torch.testing.assert_close(floored, snr.clamp(min=0.25) / snr)
     assert floored[-1] == pytest.approx(0.25 / float(snr[-1])) and floored[-1] > 40 and floored[1] == 1.0
-    torch.testing.assert_close(min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "x0", floor=0.25),
-                               snr.clamp(0.25, 5.0))  # fmt: skip
+    torch.testing.assert_close(min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "x0", floor=0.25), snr.clamp(0.25, 5.0))
     with pytest.raises(ValueError, match=r"floor must be in \[0, gamma=5.0\], got 6.0"):
         min_snr_gamma_weights(t, ns.alphas_cumprod, 5.0, "eps", floor=6.0)
 

@@ -116,8 +116,10 @@ def test_scene_validation():
 
 
 def test_canonical_caption_round_trip():
-    assert canonical_caption(Scene("white", (ShapeObject("circle", "red", "small", "top left"),))) == \
-        "a small red circle in the top left corner on a white background"
+    assert (
+        canonical_caption(Scene("white", (ShapeObject("circle", "red", "small", "top left"),)))
+        == "a small red circle in the top left corner on a white background"
+    )
     for scene in _scenes(1000, seed=4) + _scenes(200, seed=4, split="heldout"):
         spec = parse_caption(canonical_caption(scene))
         assert spec == SceneSpec.from_scene(scene) and spec.is_complete and spec.to_scene() == scene
@@ -149,10 +151,15 @@ def test_pair_cell_rate_sets_how_often_two_objects_cells_are_named():
 
 def test_parse_caption_rejects_what_it_cannot_read():
     assert parse_caption("A Red Circle.") == SceneSpec(None, (ObjectSpec("circle", "red"),))
-    for bad, why in [("a circle", "no colour"), ("a red dog", "unknown words"), ("a red", "no shape"),
-                     ("a red circle left of", "relation"), ("a red circle a blue square", "relation"),
-                     ("in the center a red circle", "does not follow"),
-                     ("a red circle on a white background on a black background", "two backgrounds")]:
+    for bad, why in [
+        ("a circle", "no colour"),
+        ("a red dog", "unknown words"),
+        ("a red", "no shape"),
+        ("a red circle left of", "relation"),
+        ("a red circle a blue square", "relation"),
+        ("in the center a red circle", "does not follow"),
+        ("a red circle on a white background on a black background", "two backgrounds"),
+    ]:
         with pytest.raises(ValueError, match=why):
             parse_caption(bad)
     with pytest.raises(ValueError, match="relation for cells"):  # contradicts itself
@@ -160,8 +167,11 @@ def test_parse_caption_rejects_what_it_cannot_read():
 
 
 def test_spec_matching_checks_attributes_and_relation():
-    scene = Scene("black", (ShapeObject("circle", "red", "small", "left"),
-                            ShapeObject("square", "blue", "large", "right")), "left of")
+    scene = Scene(
+        "black",
+        (ShapeObject("circle", "red", "small", "left"), ShapeObject("square", "blue", "large", "right")),
+        "left of",
+    )
     assert parse_caption("a blue square to the right of a red circle").matches(scene)
     assert parse_caption("a red circle left of a big blue square on a black background").matches(scene)
     assert not parse_caption("a red circle to the right of a blue square").matches(scene)

@@ -150,7 +150,11 @@ def test_save_round_trip(saved, sd1, sd2):
         loaded = CLIPTokenizer.from_folder(folder)
         assert loaded.vocab_size == original.vocab_size and loaded.added_tokens == original.added_tokens
         assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.max_length) == (
-            original.bos_id, original.eos_id, original.pad_id, original.max_length)
+            original.bos_id,
+            original.eos_id,
+            original.pad_id,
+            original.max_length,
+        )
         texts = [r["text"] for r in PROMPTS]
         assert loaded(texts) == original(texts)
 
@@ -162,12 +166,19 @@ def write_hub_style(folder: Path, saved: Path, pad: str) -> Path:
     for name in ("vocab.json", "merges.txt"):
         (folder / name).write_bytes((saved / name).read_bytes())
     token = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-    config = {"bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", **token},
-              "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", **token},
-              "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", **token},
-              "pad_token": pad, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
-    special_map = {k: (v if isinstance(v, str) else {"content": v["content"], **token})
-                   for k, v in config.items() if k.endswith("_token")}
+    config = {
+        "bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", **token},
+        "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", **token},
+        "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", **token},
+        "pad_token": pad,
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    special_map = {
+        k: (v if isinstance(v, str) else {"content": v["content"], **token})
+        for k, v in config.items()
+        if k.endswith("_token")
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
     return folder

@@ -13,8 +13,9 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 def test_relation_probe_prints_text_similarity_a_row_per_timestep_and_the_suite():
     command = [sys.executable, str(TOOLS / "relation_probe.py"), "--n", "4", "--suite", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert sum("cosine true vs inverse relation" in line for line in lines) == 4
@@ -34,14 +35,18 @@ def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
     from stablediff.weights.io import write_safetensors
 
     pipe = load_pipeline()
-    write_safetensors(pipe.text_encoder.state_dict(), tmp_path / TEXT_PART.file,
-                      {TEXT_PART.config_key: json.dumps(pipe.text_encoder.config.to_dict())})  # fmt: skip
+    write_safetensors(
+        pipe.text_encoder.state_dict(),
+        tmp_path / TEXT_PART.file,
+        {TEXT_PART.config_key: json.dumps(pipe.text_encoder.config.to_dict())},
+    )
     pipe.tokenizer.save(tmp_path / TOKENIZER_DIR)
     outputs = []
     for extra in ([], ["--text", str(tmp_path)]):
         command = [sys.executable, str(TOOLS / "relation_probe.py"), "--n", "4", "--decode", "300", *extra]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append([line for line in done.stdout.splitlines() if "cosine" in line or "decodable" in line])
     assert len(outputs[0]) == 7 and outputs[0] == outputs[1]
@@ -53,8 +58,9 @@ def test_relation_probe_of_a_text_export_measures_the_same_states(tmp_path):
 
 def test_grounding_bound_knowing_the_relation_lowers_the_loss():
     command = [sys.executable, str(TOOLS / "grounding_bound.py"), "--n", "400"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["8x8", "4x4"]

@@ -77,7 +77,7 @@ def test_bpe_tokenizer(corpus, tmp_path):
     ids = tok("a red circle")
     assert len(ids) == 77 and ids[0] == tok.bos_id
     n = len(tok.encode("a red circle"))
-    assert ids[n + 1] == tok.eos_id and set(ids[n + 1:]) == {tok.eos_id}  # EOS, then EOS padding
+    assert ids[n + 1] == tok.eos_id and set(ids[n + 1 :]) == {tok.eos_id}  # EOS, then EOS padding
     # Determinism: same corpus, and the same corpus in another order, give the same merges.
     shuffled = corpus[:]
     random.Random(1).shuffle(shuffled)
@@ -139,8 +139,9 @@ def _fit(stage, batch, steps: int, lr: float) -> tuple[float, float]:
 
 
 def _vae_config(**kw) -> TrainConfig:
-    return TrainConfig(stage="vae", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=8,
-                       batch_size=4, seed=0, **kw)
+    return TrainConfig(
+        stage="vae", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=8, batch_size=4, seed=0, **kw
+    )
 
 
 def test_vae_stage_learns_and_exports(tmp_path):
@@ -179,8 +180,9 @@ def test_vae_discriminator_terms_reach_only_their_network():
     def grads(term: torch.Tensor) -> tuple[bool, bool]:
         model.zero_grad(set_to_none=True)
         term.backward(retain_graph=True)
-        touched = {name.split(".")[0] for name, p in model.named_parameters()
-                   if p.grad is not None and p.grad.abs().sum() > 0}
+        touched = {
+            name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        }
         return "vae" in touched, "disc" in touched
 
     assert grads(terms["g_adv"]) == (True, False)  # the generator's term leaves the discriminator alone
@@ -194,9 +196,18 @@ def test_vae_discriminator_terms_reach_only_their_network():
 
 def test_text_stage_learns_evaluates_and_exports(tmp_path):
     tok_dir = TokenizerStage(TrainConfig(stage="tokenizer", data="shapes", shapes_size=300, vocab_size=600)).fit(
-        tmp_path / "tok_run")
-    config = TrainConfig(stage="text", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=16,
-                         batch_size=8, tokenizer=str(tmp_path / "tok_run"))
+        tmp_path / "tok_run"
+    )
+    config = TrainConfig(
+        stage="text",
+        data="shapes",
+        model="tiny",
+        resolution=32,
+        shapes_size=64,
+        eval_size=16,
+        batch_size=8,
+        tokenizer=str(tmp_path / "tok_run"),
+    )
     stage = TextStage(config, CPU)
     assert stage.text_config.vocab_size == 600 and stage.tokenizer.encoder == CLIPTokenizer.from_folder(tok_dir).encoder
     images, ids = batch = stage.collate([stage.dataset()[i] for i in range(8)])
@@ -206,8 +217,13 @@ def test_text_stage_learns_evaluates_and_exports(tmp_path):
     assert last < 0.5 * first
     metrics = stage.evaluate(stage.trainable())
     print("retrieval", metrics)
-    assert set(metrics) == {"retrieval_i2t", "retrieval_t2i", "retrieval_i2t_true", "retrieval_t2i_true",
-                            "relation_i2t"}  # fmt: skip
+    assert set(metrics) == {
+        "retrieval_i2t",
+        "retrieval_t2i",
+        "retrieval_i2t_true",
+        "retrieval_t2i_true",
+        "relation_i2t",
+    }
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert len(set(stage._eval_set()[2])) == 16  # distinct held-out scenes
     stage.sample(stage.trainable(), tmp_path / "sims.png")
@@ -236,8 +252,9 @@ def test_hard_negatives_are_extra_image_to_text_columns():
     from stablediff.train.stages.text import contrastive_loss
 
     gen = torch.Generator().manual_seed(0)
-    image_emb, text_emb, negative_emb = (torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1)
-                                         for _ in range(3))  # fmt: skip
+    image_emb, text_emb, negative_emb = (
+        torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1) for _ in range(3)
+    )
     ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 7, 2]])
     scale = torch.tensor(10.0)
     plain, logits = contrastive_loss(image_emb, text_emb, scale, ids)
@@ -260,8 +277,16 @@ def test_hard_negatives_are_extra_image_to_text_columns():
 def test_text_stage_with_hard_negatives_trains_and_reports_relation_accuracy(tmp_path):
     from stablediff.shapes import inverse_relation_caption
 
-    config = TrainConfig(stage="text", data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=16,
-                         batch_size=8, hard_negatives=True)  # fmt: skip
+    config = TrainConfig(
+        stage="text",
+        data="shapes",
+        model="tiny",
+        resolution=32,
+        shapes_size=64,
+        eval_size=16,
+        batch_size=8,
+        hard_negatives=True,
+    )
     stage = TextStage(config, CPU)
     items = [stage.dataset()[i] for i in range(8)]
     images, ids, negative_ids = batch = stage.collate(items)

@@ -40,9 +40,23 @@ class FastSamples(UNetStage):
 
 
 def unet_config(out: Path, **overrides) -> TrainConfig:
-    values = dict(stage="unet", data="shapes", out=str(out), shapes_size=4, resolution=32, batch_size=4, steps=16,
-                  lr=2e-3, warmup_steps=2, ema_decay=0.9, log_every=1, save_every=100, eval_every=8, eval_size=4,
-                  seed=1)  # fmt: skip
+    values = dict(
+        stage="unet",
+        data="shapes",
+        out=str(out),
+        shapes_size=4,
+        resolution=32,
+        batch_size=4,
+        steps=16,
+        lr=2e-3,
+        warmup_steps=2,
+        ema_decay=0.9,
+        log_every=1,
+        save_every=100,
+        eval_every=8,
+        eval_size=4,
+        seed=1,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
@@ -91,14 +105,26 @@ train("unet", TrainConfig.from_json(open(sys.argv[1]).read()), resume="latest", 
 
 
 def test_resume_in_a_new_process_is_bitwise_exact(tmp_path):
-    common = dict(steps=8, save_every=2, eval_every=0, prediction_type="v_prediction", min_snr_gamma=5.0,
-                  grad_accum=2, batch_size=2)  # fmt: skip
+    common = dict(
+        steps=8,
+        save_every=2,
+        eval_every=0,
+        prediction_type="v_prediction",
+        min_snr_gamma=5.0,
+        grad_accum=2,
+        batch_size=2,
+    )
     train("unet", unet_config(tmp_path / "straight", **common), until=4)
     split = unet_config(tmp_path / "split", **common)
     train("unet", split, until=2)
     (tmp_path / "split.json").write_text(split.to_json())
-    done = subprocess.run([sys.executable, "-c", RESUME, str(tmp_path / "split.json")], capture_output=True,
-                          text=True, timeout=300, env=ONE_THREAD)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", RESUME, str(tmp_path / "split.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_THREAD,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("model", "ema", "optimizer"):
         a = read_state_dict(tmp_path / "straight" / "checkpoints" / "step_0000004" / f"{name}.safetensors")
@@ -142,8 +168,9 @@ def test_latent_cache_data_and_a_cache_of_another_vae(tmp_path):
     from stablediff.train.data import ShapesPairs
     from stablediff.train.stages.vae import VAE_SIZES
 
-    config = unet_config(tmp_path / "run", data=str(tmp_path / "cache.safetensors"), eval_size=1, steps=2,
-                         caption_dropout=0.0)  # fmt: skip
+    config = unet_config(
+        tmp_path / "run", data=str(tmp_path / "cache.safetensors"), eval_size=1, steps=2, caption_dropout=0.0
+    )
     vae = frozen_parts(config, CPU).vae
     encode_latent_cache(ShapesPairs(4, 0, 32), vae, tmp_path / "cache.safetensors")
     stage = UNetStage(config, CPU)
@@ -167,16 +194,23 @@ def test_trained_vae_and_text_exports_are_picked_up(tmp_path):
     vae_cfg = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, z_channels=3, scaling_factor=0.7)
     export = tmp_path / "vae_run" / "export"
     export.mkdir(parents=True)
-    write_safetensors(AutoencoderKL(vae_cfg).state_dict(), export / VAE_PART.file,
-                      {VAE_PART.config_key: json.dumps(vae_cfg.to_dict())})  # fmt: skip
+    write_safetensors(
+        AutoencoderKL(vae_cfg).state_dict(),
+        export / VAE_PART.file,
+        {VAE_PART.config_key: json.dumps(vae_cfg.to_dict())},
+    )
     text_cfg = CLIPTextConfig(width=24, layers=2, heads=2)
     export = tmp_path / "text_run" / "export"
     export.mkdir(parents=True)
-    write_safetensors(CLIPTextModel(text_cfg).state_dict(), export / TEXT_PART.file,
-                      {TEXT_PART.config_key: json.dumps(text_cfg.to_dict())})  # fmt: skip
+    write_safetensors(
+        CLIPTextModel(text_cfg).state_dict(),
+        export / TEXT_PART.file,
+        {TEXT_PART.config_key: json.dumps(text_cfg.to_dict())},
+    )
     CLIPTokenizer.default().save(export / "tokenizer")
-    stage = UNetStage(unet_config(tmp_path / "run", vae=str(tmp_path / "vae_run"), text=str(tmp_path / "text_run")),
-                      CPU)  # fmt: skip
+    stage = UNetStage(
+        unet_config(tmp_path / "run", vae=str(tmp_path / "vae_run"), text=str(tmp_path / "text_run")), CPU
+    )
     assert stage.vae.config == vae_cfg and stage.text_encoder.config == text_cfg
     assert stage.unet.config.in_channels == 3 and stage.unet.config.context_dim == 24
     assert not any(p.requires_grad for p in [*stage.vae.parameters(), *stage.text_encoder.parameters()])
@@ -201,8 +235,16 @@ def test_train_text_encoder_trains_both_networks_and_exports_them(tmp_path):
     base = tmp_path / "base.safetensors"
     save(load_pipeline("tiny", seed=7), base)
     reference = load_pipeline(base)
-    config = unet_config(tmp_path / "run", stage="finetune", base=str(base), steps=4, eval_every=4, save_every=4,
-                         ema_decay=0.0, train_text_encoder=True)  # fmt: skip
+    config = unet_config(
+        tmp_path / "run",
+        stage="finetune",
+        base=str(base),
+        steps=4,
+        eval_every=4,
+        save_every=4,
+        ema_decay=0.0,
+        train_text_encoder=True,
+    )
     exported = train(FinetuneStage, config)
     saved = read_state_dict(tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors")
     assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder"}
@@ -217,4 +259,3 @@ def test_train_text_encoder_trains_both_networks_and_exports_them(tmp_path):
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["latest"]["step"] == 4
     with pytest.raises(ValueError, match="train_text_encoder is for the unet and finetune stages, not 'vae'"):
         TrainConfig(stage="vae", train_text_encoder=True)
-

@@ -103,8 +103,22 @@ class NoisyNan(ToyStage):
 
 
 def toy_config(out: Path, **overrides) -> TrainConfig:
-    values = dict(stage="unet", data="toy", out=str(out), steps=12, batch_size=4, lr=0.05, warmup_steps=3,
-                  ema_decay=0.9, save_every=4, keep_last=2, log_every=1, eval_every=6, sample_every=6, seed=3)
+    values = dict(
+        stage="unet",
+        data="toy",
+        out=str(out),
+        steps=12,
+        batch_size=4,
+        lr=0.05,
+        warmup_steps=3,
+        ema_decay=0.9,
+        save_every=4,
+        keep_last=2,
+        log_every=1,
+        eval_every=6,
+        sample_every=6,
+        seed=3,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
@@ -149,8 +163,11 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_run_writes_its_outputs_and_learns(tmp_path):
     seen = []
-    exported = train(ToyStage, toy_config(tmp_path / "run", steps=30),
-                     progress=lambda step, total, metrics: seen.append((step, total, metrics["loss"])))
+    exported = train(
+        ToyStage,
+        toy_config(tmp_path / "run", steps=30),
+        progress=lambda step, total, metrics: seen.append((step, total, metrics["loss"])),
+    )
     run = tmp_path / "run"
     assert exported == run / "export" / "toy.safetensors" and exported.is_file()
     assert [s for s, _, _ in seen] == list(range(1, 31)) and seen[0][1] == 30
@@ -177,8 +194,11 @@ def test_resume_is_exact(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "b").name == "step_0000005"
     train(ToyStage, toy_config(tmp_path / "b", **config), resume="latest")
     assert_states_equal(final_state(tmp_path / "a", 12), final_state(tmp_path / "b", 12))
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-             if "event" not in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        if "event" not in json.loads(line)
+    ]
     assert steps == list(range(1, 13))  # one line per step although the run was cut at step 5
 
 
@@ -239,14 +259,17 @@ def test_checkpoint_refuses_non_finite_weights_and_writes_nothing(tmp_path):
     config = toy_config(tmp_path)
     bad = {"w": torch.tensor([1.0, float("inf")])}
     with pytest.raises(NonFiniteError, match=r"step 9: model tensor 'w'"):
-        ckpt.save_checkpoint(tmp_path, 9, model=bad, ema=None, optimizer={}, rng={}, state={}, config=config,
-                             keep_last=2)  # fmt: skip
+        ckpt.save_checkpoint(
+            tmp_path, 9, model=bad, ema=None, optimizer={}, rng={}, state={}, config=config, keep_last=2
+        )
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_optimizer_state_round_trips_through_tensors_and_json():
-    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
-             "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0], "foreach": None}]}
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0], "foreach": None}],
+    }
     tree, tensors = ckpt.flatten_state(state)
     back = ckpt.unflatten_state(json.loads(json.dumps(tree)), tensors)
     assert back["param_groups"] == state["param_groups"] and list(back["state"]) == [0]
@@ -293,8 +316,10 @@ def test_foreign_checkpoint_is_refused_naming_the_fields(finished_run):
 def test_resume_auto_starts_or_continues(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / ".tmp-step_0000004").mkdir(parents=True)  # debris only: nothing to resume
-    assert train(ToyStage, toy_config(run, steps=4, eval_every=0, sample_every=0), resume="auto", until=2).name \
-        == "step_0000002"  # fmt: skip
+    assert (
+        train(ToyStage, toy_config(run, steps=4, eval_every=0, sample_every=0), resume="auto", until=2).name
+        == "step_0000002"
+    )
     train(ToyStage, toy_config(run, steps=4, eval_every=0, sample_every=0), resume="auto")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3, 4]
@@ -359,8 +384,9 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path)
     finally:
         proc.kill()
         proc.wait()
-    before = {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for p in root.glob("step_*")
-              if (p / "COMPLETE").is_file()}  # fmt: skip
+    before = {
+        p.name: {f.name: f.read_bytes() for f in p.iterdir()} for p in root.glob("step_*") if (p / "COMPLETE").is_file()
+    }
     assert len(before) >= 2
     debris = [p.name for p in root.iterdir() if p.name not in before]
     print(f"killed during a checkpoint write; left behind: {debris}")
@@ -370,8 +396,11 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path)
         ckpt.load_checkpoint(root / name, config)
         assert set(files) >= {"COMPLETE", "model.safetensors", "ema.safetensors", "optimizer.safetensors"}
     last_step = int(latest.name.split("_")[1])
-    train(ToyStage, toy_config(run, steps=last_step + 2, save_every=1, keep_last=3, eval_every=0, sample_every=0),
-          resume="latest")  # fmt: skip
+    train(
+        ToyStage,
+        toy_config(run, steps=last_step + 2, save_every=1, keep_last=3, eval_every=0, sample_every=0),
+        resume="latest",
+    )
     names = sorted(p.name for p in root.iterdir())
     assert not any(n.startswith(".tmp") for n in names)  # the half-written folder was deleted
     assert names[-3:] == [latest.name, *(ckpt.step_dir_name(last_step + k) for k in (1, 2))]
@@ -387,9 +416,20 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path)
     two = toy_config(tmp_path / "two", batch_size=2, **common)
     (tmp_path / "two.json").write_text(two.to_json())
     torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(_runner(tmp_path)),
-                             str(tmp_path / "two.json"), "NoisyNan"], capture_output=True, text=True, timeout=120,
-                            env=ONE_THREAD)  # fmt: skip
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(_runner(tmp_path)),
+            str(tmp_path / "two.json"),
+            "NoisyNan",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     train(NoisyNan, toy_config(tmp_path / "one", batch_size=4, **common))
     a, b = final_state(tmp_path / "two", 6), final_state(tmp_path / "one", 6)
@@ -413,19 +453,47 @@ def _two_processes_vs_one(tmp_path: Path, stage: str, batch_size: int, **fields)
     the largest difference of the final weights."""
 
     def config(out: str, batch: int) -> TrainConfig:
-        return TrainConfig(stage=stage, data="shapes", model="tiny", resolution=32, shapes_size=64, eval_size=8,
-                           batch_size=batch, steps=3, lr=1e-3, warmup_steps=1, ema_decay=0.0, save_every=3,
-                           log_every=1, eval_every=0, out=str(tmp_path / out), **fields)  # fmt: skip
+        return TrainConfig(
+            stage=stage,
+            data="shapes",
+            model="tiny",
+            resolution=32,
+            shapes_size=64,
+            eval_size=8,
+            batch_size=batch,
+            steps=3,
+            lr=1e-3,
+            warmup_steps=1,
+            ema_decay=0.0,
+            save_every=3,
+            log_every=1,
+            eval_every=0,
+            out=str(tmp_path / out),
+            **fields,
+        )
 
     (tmp_path / "two.json").write_text(config("two", batch_size).to_json())
     torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(_runner(tmp_path)),
-                             str(tmp_path / "two.json"), stage], capture_output=True, text=True, timeout=180,
-                            env=ONE_THREAD)  # fmt: skip
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(_runner(tmp_path)),
+            str(tmp_path / "two.json"),
+            stage,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     train(stage, config("one", 2 * batch_size), device="cpu")
-    a, b = (read_state_dict(tmp_path / run / "checkpoints" / ckpt.step_dir_name(3) / "model.safetensors")
-            for run in ("two", "one"))
+    a, b = (
+        read_state_dict(tmp_path / run / "checkpoints" / ckpt.step_dir_name(3) / "model.safetensors")
+        for run in ("two", "one")
+    )
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"{stage} stage, 2 processes x {batch_size} vs 1 process x {2 * batch_size}: max abs difference {worst:.3g}")
     return worst
@@ -442,8 +510,10 @@ def test_torchrun_contrastive_stage_uses_the_whole_global_batch(tmp_path):
     # Rounding differences only (reduction order), which Adam's first steps magnify to ~2e-5; each
     # process on its own negatives differs by 5e-3 here.
     assert worst <= 1e-4, worst
-    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("two", "one")}  # fmt: skip
+    rows = {
+        run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("two", "one")
+    }
     losses = [[r["loss"] for r in rows[run] if "loss" in r] for run in ("two", "one")]
     assert len(losses[0]) == 3
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -465,6 +535,8 @@ def test_torchrun_text_stage_with_hard_negatives_and_unet_with_its_text_encoder(
     TokenizerStage(TrainConfig(stage="tokenizer", data="shapes", shapes_size=300, vocab_size=600)).fit(tmp_path / "tok")
     for name in ("text", "unet"):
         (tmp_path / name).mkdir()
-    assert _two_processes_vs_one(tmp_path / "text", "text", 4, tokenizer=str(tmp_path / "tok"),
-                                 hard_negatives=True) <= 1e-4  # fmt: skip
+    assert (
+        _two_processes_vs_one(tmp_path / "text", "text", 4, tokenizer=str(tmp_path / "tok"), hard_negatives=True)
+        <= 1e-4
+    )
     assert _two_processes_vs_one(tmp_path / "unet", "unet", 2, train_text_encoder=True) <= 1e-4

@@ -103,9 +103,7 @@ def test_module_state_dict_with_tied_views(tmp_path):
 
 def test_legacy_pickle_format(tmp_path):
     want = _tensors()
-    torch.save(
-        {"state_dict": want, "global_step": 5}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False
-    )
+    torch.save({"state_dict": want, "global_step": 5}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
     assert detect_format(tmp_path / "old.ckpt") == "pickle"
     _assert_bit_exact(read_state_dict(tmp_path / "old.ckpt"), want)
 
@@ -210,9 +208,7 @@ def test_truncated_safetensors(tmp_path):
 def test_header_length_bigger_than_file(tmp_path):
     path = tmp_path / "h.safetensors"
     path.write_bytes(struct.pack("<Q", 5000) + b'{"a": 1}')
-    with pytest.raises(
-        CheckpointError, match=r"header length 5000 bytes is larger than the file \(16 bytes\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"header length 5000 bytes is larger than the file \(16 bytes\)"):
         read_state_dict(path)
     path.write_bytes(struct.pack("<Q", 3_000_000_000) + b"{}")
     with pytest.raises(CheckpointError, match=r"header length 3000000000 bytes is absurd.*10 bytes"):
@@ -277,9 +273,7 @@ def _storage_pid(storage_type: bytes, numel: int) -> bytes:  # ("storage", type,
     return b"(" + _s("storage") + storage_type + _s("0") + _s("cpu") + b"K" + bytes([numel]) + b"tQ"
 
 
-def _rebuild(
-    pid: bytes, offset: int, size: int
-) -> bytes:  # _rebuild_tensor_v2(pid, offset, (size,), (1,), False, ())
+def _rebuild(pid: bytes, offset: int, size: int) -> bytes:  # _rebuild_tensor_v2(pid, offset, (size,), (1,), False, ())
     args = pid + b"K" + bytes([offset]) + b"K" + bytes([size]) + b"\x85K\x01\x85\x89)"
     return _g("torch._utils", "_rebuild_tensor_v2") + b"(" + args + b"tR"
 
@@ -342,9 +336,7 @@ class _Exec:
         return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
-@pytest.mark.parametrize(
-    ("payload", "name"), [(_System, r"(posix|os|nt)\.system"), (_Exec, r"builtins\.exec")]
-)
+@pytest.mark.parametrize(("payload", "name"), [(_System, r"(posix|os|nt)\.system"), (_Exec, r"builtins\.exec")])
 @pytest.mark.parametrize("container", ["raw-pickle", "torch-zip", "legacy"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, name, container):
     marker = tmp_path / "marker"

@@ -12,8 +12,16 @@ LINE_HEIGHT = 13
 CHAR_WIDTH = 6  # of PIL's default font
 
 
-def captioned_grid(images: list[Image.Image], captions: list[str], cols: int, cell: int, caption_height: int,
-                   slot_width: int | None = None, max_lines: int = 3, footer: str = "") -> Image.Image:  # fmt: skip
+def captioned_grid(
+    images: list[Image.Image],
+    captions: list[str],
+    cols: int,
+    cell: int,
+    caption_height: int,
+    slot_width: int | None = None,
+    max_lines: int = 3,
+    footer: str = "",
+) -> Image.Image:
     """`images` resized to `cell` x `cell` in `cols` columns of `slot_width` (default `cell`) pixels,
     each with up to `max_lines` lines of its caption below; `footer`, if any, on a last line."""
     slot_width = slot_width or cell

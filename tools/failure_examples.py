@@ -40,14 +40,35 @@ def main() -> None:
     for suite in result["suites"]:
         failed = [r for r in result["records"] if r["suite"] == suite and not r["all_correct"]]
         picked += failed[: args.per_suite]
-    images = [pipe.generate(GenerationParams(r["prompt"], width=size, height=size, steps=settings["steps"],
-                                             sampler=settings["sampler"], schedule=settings["schedule"],
-                                             guidance_scale=settings["guidance_scale"], seed=r["seed"]))[0]
-              for r in picked]  # fmt: skip
+    images = [
+        pipe.generate(
+            GenerationParams(
+                r["prompt"],
+                width=size,
+                height=size,
+                steps=settings["steps"],
+                sampler=settings["sampler"],
+                schedule=settings["schedule"],
+                guidance_scale=settings["guidance_scale"],
+                seed=r["seed"],
+            )
+        )[0]
+        for r in picked
+    ]
     captions = [f"[{r['suite']}] {r['prompt']} (seed {r['seed']}) -- {_describe(r)}" for r in picked]
     cell = size * SCALE
-    save_grid(captioned_grid(images, captions, cols=max(1, args.per_suite), cell=cell, caption_height=TEXT_HEIGHT,
-                             slot_width=2 * cell, max_lines=6), args.out)
+    save_grid(
+        captioned_grid(
+            images,
+            captions,
+            cols=max(1, args.per_suite),
+            cell=cell,
+            caption_height=TEXT_HEIGHT,
+            slot_width=2 * cell,
+            max_lines=6,
+        ),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,11 @@ def main() -> None:
         mean_box = {r: masks[[i for i, x in enumerate(relations) if x == r]].mean(0) for r in set(relations)}
         given = torch.stack([mean_box[r] for r in relations])
         peak = (given == given.max(-1, keepdim=True).values).float()
-        print(f"{side}x{side} attention: uniform {grounding(torch.ones(side * side), masks):.3f}, position prior "
-              f"{grounding(masks.mean(0), masks):.3f}, prior given the relation {grounding(given, masks):.3f}, "
-              f"likeliest pixel given the relation {grounding(peak, masks):.3f}")
+        print(
+            f"{side}x{side} attention: uniform {grounding(torch.ones(side * side), masks):.3f}, position prior "
+            f"{grounding(masks.mean(0), masks):.3f}, prior given the relation {grounding(given, masks):.3f}, "
+            f"likeliest pixel given the relation {grounding(peak, masks):.3f}"
+        )
 
 
 if __name__ == "__main__":

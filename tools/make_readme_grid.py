@@ -37,13 +37,21 @@ def main() -> None:
 
     pipe = load_pipeline(args.model)
     size = pipe.spec.default_size
-    images = [pipe.generate(GenerationParams(prompt, width=size, height=size, steps=20, sampler="dpmpp_2m",
-                                             schedule="karras", seed=args.seed + i))[0]
-              for i, prompt in enumerate(PROMPTS)]  # fmt: skip
-    note = (f"stablediff bundled model, {size}x{size}, DPM++ 2M Karras, 20 steps, CFG 7.5, "
-            f"seeds {args.seed}..{args.seed + len(PROMPTS) - 1}")  # fmt: skip
-    save_grid(captioned_grid(images, PROMPTS, cols=4, cell=size * SCALE, caption_height=CAPTION_HEIGHT, footer=note),
-              args.out)
+    images = [
+        pipe.generate(
+            GenerationParams(
+                prompt, width=size, height=size, steps=20, sampler="dpmpp_2m", schedule="karras", seed=args.seed + i
+            )
+        )[0]
+        for i, prompt in enumerate(PROMPTS)
+    ]
+    note = (
+        f"stablediff bundled model, {size}x{size}, DPM++ 2M Karras, 20 steps, CFG 7.5, "
+        f"seeds {args.seed}..{args.seed + len(PROMPTS) - 1}"
+    )
+    save_grid(
+        captioned_grid(images, PROMPTS, cols=4, cell=size * SCALE, caption_height=CAPTION_HEIGHT, footer=note), args.out
+    )
 
 
 if __name__ == "__main__":

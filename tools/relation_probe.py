@@ -113,8 +113,12 @@ def main() -> None:
     relation_word = (ids["true"] != ids["inverse"]).int().argmax(1)  # the first token that differs
     # Canonical captions end "... SHAPE on a COLOUR background": the second object's shape word is
     # 5 tokens before the end of text (every word of the language is one token).
-    places = {"relation word": relation_word, "word after it": relation_word + 1,
-              "second object's shape word": eos - 5, "end of text": eos}  # fmt: skip
+    places = {
+        "relation word": relation_word,
+        "word after it": relation_word + 1,
+        "second object's shape word": eos - 5,
+        "end of text": eos,
+    }
     for name, at in places.items():
         cos = F.cosine_similarity(context["true"][rows, at], context["inverse"][rows, at], dim=-1)
         print(f"text states at the {name}: cosine true vs inverse relation {cos.mean():.4f}")
@@ -129,11 +133,15 @@ def main() -> None:
     placements = [layout(s, 64, random.Random(j)) for s, j in pairs]
     targets = {}  # the object words' boxes, for the captions whose grounding is measured
     for kind in ("true", "inverse"):
-        tokens = [token_boxes(pipe.tokenizer, c[kind], caption_regions(c[kind], s, p, 64))
-                  for c, s, p in zip(per_scene, scenes, placements, strict=True)]  # fmt: skip
+        tokens = [
+            token_boxes(pipe.tokenizer, c[kind], caption_regions(c[kind], s, p, 64))
+            for c, s, p in zip(per_scene, scenes, placements, strict=True)
+        ]
         targets[kind] = torch.stack([b for b, _ in tokens]), torch.stack([g for _, g in tokens])
-    print("t    SNR     x0 error: true   inverse  cell    swapped  worse than true / cell: inverse  swapped"
-          "  grounding: true  inverse")
+    print(
+        "t    SNR     x0 error: true   inverse  cell    swapped  worse than true / cell: inverse  swapped"
+        "  grounding: true  inverse"
+    )
     for t in TIMESTEPS:
         a = alphas[t]
         noise = torch.randn(x0.shape, generator=generator)
@@ -147,9 +155,11 @@ def main() -> None:
                 ground[kind] = grounding_loss(maps, *targets[kind], tuple(x0.shape[-2:])).mean()
         inverse_worse = (errors["inverse"] > errors["true"]).float().mean() * 100
         swapped_worse = (errors["swapped"] > errors["cell"]).float().mean() * 100
-        print(f"{t:<4} {float(a / (1 - a)):<7.3f} {errors['true'].mean():>15.4f} {errors['inverse'].mean():>8.4f} "
-              f"{errors['cell'].mean():>7.4f} {errors['swapped'].mean():>8.4f}  {inverse_worse:>30.0f}% "
-              f"{swapped_worse:>7.0f}% {ground['true']:>16.3f} {ground['inverse']:>8.3f}")
+        print(
+            f"{t:<4} {float(a / (1 - a)):<7.3f} {errors['true'].mean():>15.4f} {errors['inverse'].mean():>8.4f} "
+            f"{errors['cell'].mean():>7.4f} {errors['swapped'].mean():>8.4f}  {inverse_worse:>30.0f}% "
+            f"{swapped_worse:>7.0f}% {ground['true']:>16.3f} {ground['inverse']:>8.3f}"
+        )
     if args.suite:
         judge_suite(pipe, args.suite)
 
@@ -168,10 +178,12 @@ def decodability(pipe, n: int, seed: int) -> None:
     # "... SHAPE CELL-PHRASE on a COLOUR background": the last cell word is 5 tokens before the end
     # of text; the second object's shape word is before its cell phrase.
     cell_words = torch.tensor([len(CELL_PHRASES[s.objects[1].cell][0].split()) for s in scenes])
-    at = {"the second object's shape word": eos - 5 - cell_words, "its last cell word": eos - 5,
-          "the end of text": eos}  # fmt: skip
-    targets = {"relation": [s.relation for s in scenes], "first object's colour": [s.objects[0].color for s in scenes],
-               "second object's colour": [s.objects[1].color for s in scenes]}  # fmt: skip
+    at = {"the second object's shape word": eos - 5 - cell_words, "its last cell word": eos - 5, "the end of text": eos}
+    targets = {
+        "relation": [s.relation for s in scenes],
+        "first object's colour": [s.objects[0].color for s in scenes],
+        "second object's colour": [s.objects[1].color for s in scenes],
+    }
     for place, index in at.items():
         found = {name: linear_probe(states[rows, index], labels) for name, labels in targets.items()}
         print(f"decodable from {place}: " + ", ".join(f"{k} {v:.1f}" for k, v in found.items()))
@@ -197,13 +209,16 @@ def linear_probe(features: torch.Tensor, labels: list[str]) -> float:
 
 def judge_suite(pipe, n: int) -> None:
     def generate(prompt: str, seed: int):
-        params = GenerationParams(prompt, width=64, height=64, steps=20, sampler="dpmpp_2m", schedule="karras",
-                                  guidance_scale=7.5, seed=seed)  # fmt: skip
+        params = GenerationParams(
+            prompt, width=64, height=64, steps=20, sampler="dpmpp_2m", schedule="karras", guidance_scale=7.5, seed=seed
+        )
         return pipe.generate(params)[0]
 
     metrics = evaluate(generate, suites=("relation",), n=n, judge_n=0)["suites"]["relation"]
-    print(f"relation suite, first {n} prompts:",
-          ", ".join(f"{k} {v * 100:.1f}" for k, v in metrics.items() if v is not None))
+    print(
+        f"relation suite, first {n} prompts:",
+        ", ".join(f"{k} {v * 100:.1f}" for k, v in metrics.items() if v is not None),
+    )
 
 
 if __name__ == "__main__":

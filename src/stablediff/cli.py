@@ -70,8 +70,11 @@ def _add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--init", dest="init_image", required=kind != "generate", help="input image")
     if kind == "inpaint":
         p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
-    p.add_argument("--model", default=None, help="checkpoint file, diffusers folder or preset "
-                   "(default: $STABLEDIFF_MODEL or the bundled model)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint file, diffusers folder or preset (default: $STABLEDIFF_MODEL or the bundled model)",
+    )
     p.add_argument("--from", dest="from_png", default=None, help="take every parameter from a PNG we wrote")
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
@@ -80,13 +83,18 @@ def _add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablediff", description="Stable Diffusion from the ground up.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="stablediff",
+        description="Stable Diffusion from the ground up.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"stablediff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for kind, text in (("generate", "text to image"), ("img2img", "image to image"), ("inpaint", "repaint a mask")):
-        _add_generation_args(sub.add_parser(kind, help=text, epilog=EXAMPLES,
-                                            formatter_class=argparse.RawDescriptionHelpFormatter), kind)  # fmt: skip
+        _add_generation_args(
+            sub.add_parser(kind, help=text, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter), kind
+        )
     info = sub.add_parser("info", help="print the parameters stored in a PNG")
     info.add_argument("image")
     conv = sub.add_parser("convert", help="single-file <-> diffusers folder, dtype cast, EMA extraction")
@@ -94,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("target")
     conv.add_argument("--layout", choices=LAYOUTS, default="single-file")
     conv.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating weights")
-    conv.add_argument("--no-ema", dest="use_ema", action="store_false",
-                      help="keep the trained U-Net weights even when an EMA copy exists")  # fmt: skip
+    conv.add_argument(
+        "--no-ema",
+        dest="use_ema",
+        action="store_false",
+        help="keep the trained U-Net weights even when an EMA copy exists",
+    )
     conv.add_argument("--prediction-type", choices=tuple(PREDICTION_TYPES), default=None)
     conv.add_argument("--overwrite", action="store_true")
     data = sub.add_parser("dataset", help="write a training data set")
@@ -104,21 +116,36 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--n", type=int, default=50000, help="number of images")
     shapes.add_argument("--out", required=True, help="output folder (a captioned folder)")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--split", choices=("train", "heldout"), default="train",
-                        help="heldout scenes contain the colour-shape pairs training never shows")  # fmt: skip
+    shapes.add_argument(
+        "--split",
+        choices=("train", "heldout"),
+        default="train",
+        help="heldout scenes contain the colour-shape pairs training never shows",
+    )
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
-    usage = ("stablediff train STAGE --data DIR --out RUN [--key=value ...] [--resume]\n"
-             "stablediff train recipe NAME --out RUN [--package FILE]\n\n"
-             "Any TrainConfig field is an option: --lr=2e-4 --steps=5000 --batch_size=32 (see "
-             "stablediff/train/config.py). Under torchrun the same command trains on several processes.")
-    tr = sub.add_parser("train", help="train a part from scratch, fine-tune, or run a whole recipe", description=usage,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    usage = (
+        "stablediff train STAGE --data DIR --out RUN [--key=value ...] [--resume]\n"
+        "stablediff train recipe NAME --out RUN [--package FILE]\n\n"
+        "Any TrainConfig field is an option: --lr=2e-4 --steps=5000 --batch_size=32 (see "
+        "stablediff/train/config.py). Under torchrun the same command trains on several processes."
+    )
+    tr = sub.add_parser(
+        "train",
+        help="train a part from scratch, fine-tune, or run a whole recipe",
+        description=usage,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tr.add_argument("stage", choices=(*STAGES, "recipe"))
     tr.add_argument("recipe", nargs="?", default=None, help="recipe: a packaged recipe name or a .toml file")
     tr.add_argument("--data", default=None, help="captioned image folder, latent cache, or 'shapes'")
     tr.add_argument("--out", required=True, help="the run folder")
-    tr.add_argument("--resume", nargs="?", const="latest", default=None,
-                    help="continue from the latest checkpoint (or a checkpoint folder)")  # fmt: skip
+    tr.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the latest checkpoint (or a checkpoint folder)",
+    )
     tr.add_argument("--package", default=None, help="recipe: write the finished, evaluated model to this file")
     ev = sub.add_parser("eval", help="how well images follow shapes-world prompts (judged programmatically)")
     ev.add_argument("--model", default=None, help="default: $STABLEDIFF_MODEL or the bundled model")
@@ -174,8 +201,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"width and height must be multiples of {pipe.spec.vae.downscale} for this model")
     existing = next(p for p in (out, *out.parents) if p.exists())  # checked now, created after sampling
     if not os.access(existing, os.W_OK):
-        raise PermissionError(f"output folder {out} is not writable" if existing == out else
-                              f"cannot create output folder {out}: {existing} is not writable")  # fmt: skip
+        raise PermissionError(
+            f"output folder {out} is not writable"
+            if existing == out
+            else f"cannot create output folder {out}: {existing} is not writable"
+        )
     bar = tqdm(total=params.steps, unit="step", desc="sampling", disable=None)
 
     def progress(step: int, total: int) -> None:
@@ -191,10 +221,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_ref = pipe.source or pipe.spec.name  # a preset is named by itself
     for k, image in enumerate(images):
         seed = params.seed + k
-        one = GenerationParams(**{**{f.name: getattr(params, f.name) for f in fields(params)},
-                                  "seed": seed, "batch_size": 1, "latents": None})  # fmt: skip
-        record = {"params": one.to_json_dict(), "model": name, "model_hash": digest, "model_path": model_ref,
-                  "version": __version__}  # fmt: skip
+        one = GenerationParams(
+            **{
+                **{f.name: getattr(params, f.name) for f in fields(params)},
+                "seed": seed,
+                "batch_size": 1,
+                "latents": None,
+            }
+        )
+        record = {
+            "params": one.to_json_dict(),
+            "model": name,
+            "model_hash": digest,
+            "model_path": model_ref,
+            "version": __version__,
+        }
         if params.latents is not None:
             record["params"]["latents_given"] = True
         path = unique_path(out, str(seed))
@@ -216,8 +257,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.source, use_ema=args.use_ema, prediction_type=args.prediction_type)
-    path = save(pipe, args.target, layout=args.layout, dtype=DTYPES[args.dtype] if args.dtype else None,
-                overwrite=args.overwrite)  # fmt: skip
+    path = save(
+        pipe,
+        args.target,
+        layout=args.layout,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.overwrite,
+    )
     print(path)
     return 0
 
@@ -228,8 +274,14 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     with tqdm(total=args.n, unit="img", desc="shapes", disable=None) as bar:
-        folder = write_shapes_folder(args.out, args.n, seed=args.seed, split=args.split, size=args.size,
-                                     progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+        folder = write_shapes_folder(
+            args.out,
+            args.n,
+            seed=args.seed,
+            split=args.split,
+            size=args.size,
+            progress=lambda done, total: bar.update(done - bar.n),
+        )
     print(folder)
     return 0
 
@@ -246,25 +298,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def make_generate(sampler: str, steps: int, guidance: float):
         def generate(prompt: str, seed: int):
             # no width/height: the model's own size
-            params = GenerationParams(prompt, steps=steps, sampler=sampler, schedule=args.schedule,
-                                      guidance_scale=guidance, seed=seed)  # fmt: skip
+            params = GenerationParams(
+                prompt, steps=steps, sampler=sampler, schedule=args.schedule, guidance_scale=guidance, seed=seed
+            )
             return pipe.generate(params)[0]
 
         return generate
 
     make_generate(args.sampler, args.steps, args.cfg)("a red circle", 0)  # fail early on bad settings
     with tqdm(total=args.n * len(suites), unit="img", desc="eval", disable=None) as bar:
-        result = evaluate(make_generate(args.sampler, args.steps, args.cfg), suites=suites, n=args.n, seed=args.seed,
-                          progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
-    result["settings"] = {"model": pipe.source or pipe.spec.name, "sampler": args.sampler, "schedule": args.schedule,
-                          "steps": args.steps, "guidance_scale": args.cfg, "size": size}  # fmt: skip
+        result = evaluate(
+            make_generate(args.sampler, args.steps, args.cfg),
+            suites=suites,
+            n=args.n,
+            seed=args.seed,
+            progress=lambda done, total: bar.update(done - bar.n),
+        )
+    result["settings"] = {
+        "model": pipe.source or pipe.spec.name,
+        "sampler": args.sampler,
+        "schedule": args.schedule,
+        "steps": args.steps,
+        "guidance_scale": args.cfg,
+        "size": size,
+    }
     json_path, md_path = write_report(result, args.out)
     print(md_path.read_text())
     if args.sweep:
-        rows = sweep(make_generate, samplers=("ddim", "euler", "dpmpp_2m", "unipc"), steps=(4, 8, 20, 50),
-                     guidances=(args.cfg,), n=args.sweep_n, seed=args.seed)  # fmt: skip
-        rows += sweep(make_generate, samplers=(args.sampler,), steps=(args.steps,),
-                      guidances=(1.0, 2.0, 4.0, 7.5, 10.0, 15.0), n=args.sweep_n, seed=args.seed)  # fmt: skip
+        rows = sweep(
+            make_generate,
+            samplers=("ddim", "euler", "dpmpp_2m", "unipc"),
+            steps=(4, 8, 20, 50),
+            guidances=(args.cfg,),
+            n=args.sweep_n,
+            seed=args.seed,
+        )
+        rows += sweep(
+            make_generate,
+            samplers=(args.sampler,),
+            steps=(args.steps,),
+            guidances=(1.0, 2.0, 4.0, 7.5, 10.0, 15.0),
+            n=args.sweep_n,
+            seed=args.seed,
+        )
         write_sweep(rows, args.out)
         plot_sweep(rows, Path(args.out) / "sweep.png", guidance=args.cfg, steps=args.steps)
         print((Path(args.out) / "sweep.md").read_text())
@@ -305,8 +381,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.recipe:
         raise ValueError(f"unexpected argument {args.recipe!r} (only `train recipe NAME` takes a name)")
     if not args.data:
-        raise ValueError(f"stablediff train {args.stage} needs --data (a captioned image folder, a latent cache "
-                         "or 'shapes')")  # fmt: skip
+        raise ValueError(
+            f"stablediff train {args.stage} needs --data (a captioned image folder, a latent cache or 'shapes')"
+        )
     if args.data != "shapes" and not Path(args.data).exists():
         raise ValueError(f"--data {args.data} does not exist")
     config = apply_overrides(TrainConfig(stage=args.stage, data=args.data, out=args.out), overrides)
@@ -319,9 +396,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "info": cmd_info,
-            "convert": cmd_convert, "dataset": cmd_dataset,
-            "eval": cmd_eval}  # fmt: skip
+COMMANDS = {
+    "generate": cmd_generate,
+    "img2img": cmd_generate,
+    "inpaint": cmd_generate,
+    "info": cmd_info,
+    "convert": cmd_convert,
+    "dataset": cmd_dataset,
+    "eval": cmd_eval,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

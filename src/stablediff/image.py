@@ -106,8 +106,13 @@ def mask_to_tensor(mask: ImageInput, width: int, height: int) -> Tensor:
     return (x >= 0.5).to(torch.float32)
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str], params_text: str,
-             params_json: dict[str, Any], overwrite: bool = False) -> Path:
+def save_png(
+    image: Image.Image,
+    path: str | os.PathLike[str],
+    params_text: str,
+    params_json: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
     """Write ``image`` as a PNG with two text chunks and return its path.
 
     ``parameters``: ``params_text`` (AUTOMATIC1111's chunk; tEXt, or iTXt if not Latin-1).
@@ -230,8 +235,14 @@ def _open_file(path: Path) -> Image.Image:
     return img
 
 
-_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP",
-               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 
 def _signature(path: Path) -> str | None:

@@ -37,10 +37,14 @@ TOKENIZER_METADATA_KEY = "stablediff.tokenizer"  # a trained vocabulary (the CLI
 LAYOUTS = ("single-file", "diffusers")
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 _WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "unet": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
-}  # fmt: skip
+}
 _WEIGHT_FILES["vae"] = _WEIGHT_FILES["unet"]
 
 
@@ -183,8 +187,9 @@ def _load_diffusers(folder: Path, device, dtype, spec: ModelSpec | None) -> Stab
     if spec is None:
         spec = _diffusers_spec(folder, files["unet"], tokenizer)
     u, v = spec.unet, spec.vae
-    unet_sd = convert.unet_diffusers_to_ours(read_state_dict(files["unet"]), u.channel_mult, u.num_res_blocks,
-                                             u.attention_levels)  # fmt: skip
+    unet_sd = convert.unet_diffusers_to_ours(
+        read_state_dict(files["unet"]), u.channel_mult, u.num_res_blocks, u.attention_levels
+    )
     vae_sd = convert.vae_diffusers_to_ours(read_state_dict(files["vae"]), len(v.ch_mult), v.num_res_blocks)
     text_sd = convert.text_transformers_to_ours(read_state_dict(files["text_encoder"]))
     return _build(spec, unet_sd, vae_sd, text_sd, tokenizer, device, dtype)
@@ -220,21 +225,29 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
 def _schedule_from_diffusers(sched: dict) -> ScheduleConfig:
     """The training schedule of a ``scheduler_config.json`` (its inference settings are not read)."""
     defaults = ScheduleConfig()
-    return ScheduleConfig(num_train_timesteps=sched.get("num_train_timesteps", defaults.num_train_timesteps),
-                          beta_schedule=sched.get("beta_schedule", defaults.beta_schedule),
-                          beta_start=sched.get("beta_start", defaults.beta_start),
-                          beta_end=sched.get("beta_end", defaults.beta_end))  # fmt: skip
+    return ScheduleConfig(
+        num_train_timesteps=sched.get("num_train_timesteps", defaults.num_train_timesteps),
+        beta_schedule=sched.get("beta_schedule", defaults.beta_schedule),
+        beta_start=sched.get("beta_start", defaults.beta_start),
+        beta_end=sched.get("beta_end", defaults.beta_end),
+    )
 
 
 def _schedule_to_diffusers(schedule: ScheduleConfig, prediction_type: str) -> dict:
     """A diffusers ``scheduler_config.json`` (PNDM, as SD checkpoints ship) for ``schedule``."""
     config = {
-        "_class_name": "PNDMScheduler", "beta_schedule": schedule.beta_schedule, "beta_start": schedule.beta_start,
-        "beta_end": schedule.beta_end, "num_train_timesteps": schedule.num_train_timesteps,
-        "prediction_type": prediction_type, "set_alpha_to_one": schedule.set_alpha_to_one, "skip_prk_steps": True,
-        "steps_offset": schedule.steps_offset, "clip_sample": False,
+        "_class_name": "PNDMScheduler",
+        "beta_schedule": schedule.beta_schedule,
+        "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end,
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "prediction_type": prediction_type,
+        "set_alpha_to_one": schedule.set_alpha_to_one,
+        "skip_prk_steps": True,
+        "steps_offset": schedule.steps_offset,
+        "clip_sample": False,
         "timestep_spacing": schedule.timestep_spacing or "leading",
-    }  # fmt: skip
+    }
     if schedule.rescale_zero_terminal_snr:
         config["rescale_betas_zero_snr"] = True
     return config
@@ -274,8 +287,9 @@ def save(
         meta[TOKENIZER_METADATA_KEY] = json.dumps(pipe.tokenizer.to_dict(), ensure_ascii=False)
     sds = {name: _cast(sd, dtype) for name, sd in pipe.state_dicts().items()}
     if layout == "single-file":
-        write_safetensors(convert.join_single_file(sds["unet"], sds["vae"], sds["text"], pipe.spec.text_format),
-                          path, metadata=meta)  # fmt: skip
+        write_safetensors(
+            convert.join_single_file(sds["unet"], sds["vae"], sds["text"], pipe.spec.text_format), path, metadata=meta
+        )
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -299,31 +313,49 @@ def _write_diffusers(pipe: StableDiffusion, sds: dict, folder: Path, meta: dict)
     spec, tok = pipe.spec, pipe.tokenizer
     u, v, t = spec.unet, spec.vae, spec.text
     pipeline_class = "StableDiffusionInpaintPipeline" if spec.is_inpaint else "StableDiffusionPipeline"
-    _write_json(folder / "model_index.json", {
-        "_class_name": pipeline_class, "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
-    })  # fmt: skip
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": pipeline_class,
+            "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        },
+    )
     unet_json = convert.unet_config_to_diffusers(u.to_dict())
     unet_json["sample_size"] = spec.default_size // v.downscale
     _write_json(folder / "unet" / "config.json", unet_json)
-    write_safetensors(convert.unet_ours_to_diffusers(sds["unet"], u.channel_mult, u.num_res_blocks, u.attention_levels),
-                      folder / "unet" / "diffusion_pytorch_model.safetensors", metadata=meta)  # fmt: skip
+    write_safetensors(
+        convert.unet_ours_to_diffusers(sds["unet"], u.channel_mult, u.num_res_blocks, u.attention_levels),
+        folder / "unet" / "diffusion_pytorch_model.safetensors",
+        metadata=meta,
+    )
     vae_json = convert.vae_config_to_diffusers(v.to_dict())
     vae_json["sample_size"] = spec.default_size
     _write_json(folder / "vae" / "config.json", vae_json)
-    write_safetensors(convert.vae_ours_to_diffusers(sds["vae"], len(v.ch_mult), v.num_res_blocks),
-                      folder / "vae" / "diffusion_pytorch_model.safetensors", metadata=meta)  # fmt: skip
+    write_safetensors(
+        convert.vae_ours_to_diffusers(sds["vae"], len(v.ch_mult), v.num_res_blocks),
+        folder / "vae" / "diffusion_pytorch_model.safetensors",
+        metadata=meta,
+    )
     # transformers' CLIPTextModel always runs all its layers: layers the spec skips are not written.
     kept = t.layers - t.skip_layers
-    text_sd = {k: w for k, w in sds["text"].items()
-               if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < kept}  # fmt: skip
+    text_sd = {
+        k: w for k, w in sds["text"].items() if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < kept
+    }
     text_json = convert.text_config_to_transformers({**t.to_dict(), "layers": kept}, tok.bos_id, tok.eos_id, tok.pad_id)
     _write_json(folder / "text_encoder" / "config.json", text_json)
-    write_safetensors(convert.text_ours_to_transformers(text_sd), folder / "text_encoder" / "model.safetensors",
-                      metadata={"format": "pt"})  # fmt: skip
+    write_safetensors(
+        convert.text_ours_to_transformers(text_sd),
+        folder / "text_encoder" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     tok.save(folder / "tokenizer")
     scheduler_json = _schedule_to_diffusers(spec.schedule, spec.prediction_type)
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json)

@@ -85,8 +85,9 @@ def attention(
     return out.transpose(1, 2).reshape(b, lq, inner).to(dtype)
 
 
-def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        heads: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def attention_with_maps(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention` computed explicitly in float32, also returning the attention maps averaged over
     heads, [B, Lq, Lk] (each row a softmax over the keys): what grounding losses and attention
     visualisations read. Differentiable; no fused kernel, so for short key sequences only."""

@@ -33,9 +33,19 @@ SCHEDULES = ("default", "karras", "exponential")
 
 # Our sampler names -> AUTOMATIC1111's display names (its "Sampler:" field).
 A1111_SAMPLERS = {
-    "euler_a": "Euler a", "euler": "Euler", "lms": "LMS", "heun": "Heun", "dpm2": "DPM2",
-    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE",
-    "dpmpp_2s_a": "DPM++ 2S a", "ddim": "DDIM", "plms": "PLMS", "unipc": "UniPC", "lcm": "LCM",
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "lms": "LMS",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2s_a": "DPM++ 2S a",
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "unipc": "UniPC",
+    "lcm": "LCM",
     "ddpm": "DDPM",
 }
 # "default" is each sampler's own default spacing, which is what A1111 calls "Automatic".
@@ -113,8 +123,7 @@ class GenerationParams:
 
             valid_samplers = list(SAMPLERS)
         if self.sampler not in valid_samplers:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid choices: "
-                             f"{', '.join(sorted(valid_samplers))}")
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid choices: {', '.join(sorted(valid_samplers))}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
         for name in ("init_image", "mask"):
@@ -125,8 +134,9 @@ class GenerationParams:
             raise ValueError("a mask needs an init_image (inpainting repaints part of a given image)")
         if self.init_image is not None and int(self.steps * self.strength) < 1:
             # diffusers runs int(steps * strength) steps of img2img; zero would return the input.
-            raise ValueError(f"strength {self.strength} with {self.steps} steps leaves zero steps: "
-                             f"need int(steps * strength) >= 1")
+            raise ValueError(
+                f"strength {self.strength} with {self.steps} steps leaves zero steps: need int(steps * strength) >= 1"
+            )
         if self.latents is not None:
             self._check_latents()
         return self
@@ -135,8 +145,9 @@ class GenerationParams:
         """A copy with ``size`` for a ``width``/``height`` of None (``self`` when both are set)."""
         if self.width is not None and self.height is not None:
             return self
-        return replace(self, width=size if self.width is None else self.width,
-                       height=size if self.height is None else self.height)  # fmt: skip
+        return replace(
+            self, width=size if self.width is None else self.width, height=size if self.height is None else self.height
+        )
 
     def _check_latents(self) -> None:
         lat = self.latents
@@ -179,8 +190,7 @@ class GenerationParams:
 
     # ---- AUTOMATIC1111 infotext ---------------------------------------------------------------
 
-    def to_a1111(self, model_hash: str | None = None, model_name: str | None = None,
-                 seed: int | None = None) -> str:
+    def to_a1111(self, model_hash: str | None = None, model_name: str | None = None, seed: int | None = None) -> str:
         """The AUTOMATIC1111 ``parameters`` text for one image (``seed`` overrides ``self.seed``,
         e.g. for the i-th image of a batch). Fields follow A1111's order; ``None`` ones are left out
         as A1111 does. Keys A1111 lacks: "CFG Rescale" (the CFG_Rescale_webui extension's key)."""
@@ -213,11 +223,20 @@ class GenerationParams:
         for label in ("Karras", "Exponential"):  # before A1111 1.9: "DPM++ 2M Karras"
             if sampler.endswith(" " + label) and sampler[: -len(label) - 1] in samplers:
                 sampler, schedule = sampler[: -len(label) - 1], label
-        params = cls(prompt=info["Prompt"], negative_prompt=info["Negative prompt"],
-                     sampler=samplers.get(sampler, sampler), schedule=schedules.get(schedule, schedule))
-        conversions = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float),
-                       "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
-                       "Denoising strength": ("strength", float), "CFG Rescale": ("guidance_rescale", float)}
+        params = cls(
+            prompt=info["Prompt"],
+            negative_prompt=info["Negative prompt"],
+            sampler=samplers.get(sampler, sampler),
+            schedule=schedules.get(schedule, schedule),
+        )
+        conversions = {
+            "Steps": ("steps", int),
+            "CFG scale": ("guidance_scale", float),
+            "Seed": ("seed", int),
+            "Clip skip": ("clip_skip", int),
+            "Denoising strength": ("strength", float),
+            "CFG Rescale": ("guidance_rescale", float),
+        }
         for key, (name, kind) in conversions.items():
             if key in info:
                 try:
@@ -250,7 +269,7 @@ def parse_a1111(text: str) -> dict[str, str]:
     for line in lines:
         line = line.strip()
         if not negative and line.startswith("Negative prompt:"):
-            negative.append(line[len("Negative prompt:"):].strip())
+            negative.append(line[len("Negative prompt:") :].strip())
         elif negative:
             negative.append(line)
         else:

@@ -93,8 +93,9 @@ class StableDiffusion:
         def encode(ids: torch.Tensor) -> torch.Tensor:
             return self.text_encoder(ids, skip_layers=skip)
 
-        cond, uncond = pad_chunks(tokenize_prompt(self.tokenizer, prompt),
-                                  tokenize_prompt(self.tokenizer, negative_prompt))  # fmt: skip
+        cond, uncond = pad_chunks(
+            tokenize_prompt(self.tokenizer, prompt), tokenize_prompt(self.tokenizer, negative_prompt)
+        )
         return encode_chunks(encode, cond, self.device), encode_chunks(encode, uncond, self.device)
 
     def resolve_params(self, params: GenerationParams) -> GenerationParams:
@@ -124,13 +125,16 @@ class StableDiffusion:
         f = self.spec.vae.downscale
         latent_shape = (1, self.spec.vae.z_channels, params.height // f, params.width // f)
         if params.latents is not None and tuple(params.latents.shape[1:]) != latent_shape[1:]:
-            raise ValueError(f"latents have shape {tuple(params.latents.shape)}, expected "
-                             f"({params.batch_size}, {', '.join(map(str, latent_shape[1:]))})")  # fmt: skip
+            raise ValueError(
+                f"latents have shape {tuple(params.latents.shape)}, expected "
+                f"({params.batch_size}, {', '.join(map(str, latent_shape[1:]))})"
+            )
 
         cond, uncond = self.encode_prompt(params.prompt, params.negative_prompt, params.clip_skip)
         plan = sampling_plan(params.sampler, self.noise_schedule(), params.steps, params.schedule)
-        denoiser = Denoiser(self.unet, plan.schedule, self.spec.prediction_type, sigma_to_t=plan.sigma_to_t,
-                            net_dtype=self.dtype)  # fmt: skip
+        denoiser = Denoiser(
+            self.unet, plan.schedule, self.spec.prediction_type, sigma_to_t=plan.sigma_to_t, net_dtype=self.dtype
+        )
         guided = CFGDenoiser(denoiser, params.guidance_scale, params.guidance_rescale)
         start = 0 if params.init_image is None else plan.start_index(params.strength)
         sigmas = plan.sigmas[start:]
@@ -142,24 +146,44 @@ class StableDiffusion:
         results = []
         for group in groups:
             generators = [torch.Generator().manual_seed(params.seed + k) for k in group]
-            starts = [_Start(inputs, plan, sigmas, g, latent_shape, None if params.latents is None else
-                             params.latents[k : k + 1], self.device) for k, g in zip(group, generators, strict=True)]
+            starts = [
+                _Start(
+                    inputs,
+                    plan,
+                    sigmas,
+                    g,
+                    latent_shape,
+                    None if params.latents is None else params.latents[k : k + 1],
+                    self.device,
+                )
+                for k, g in zip(group, generators, strict=True)
+            ]
             n = len(group)
             extra = {"context": cond.expand(n, -1, -1), "uncond_context": uncond.expand(n, -1, -1)}
             if starts[0].concat is not None:
                 extra["concat"] = torch.cat([s.concat for s in starts])
             blend = None
             if inputs.latent_mask is not None and not self.spec.is_inpaint:
-                blend = InpaintDenoiser(guided, torch.cat([s.image_latents for s in starts]), inputs.latent_mask,
-                                        torch.cat([s.noise for s in starts]), first_sigma=float(sigmas[0]))  # fmt: skip
+                blend = InpaintDenoiser(
+                    guided,
+                    torch.cat([s.image_latents for s in starts]),
+                    inputs.latent_mask,
+                    torch.cat([s.noise for s in starts]),
+                    first_sigma=float(sigmas[0]),
+                )
 
             def on_step(info: dict, done: int = group[0] * steps, n: int = n) -> None:
                 if callback is not None:
                     callback(done + (info["i"] + 1) * n, total)
 
-            x = get_sampler(params.sampler)(plan.wrap_denoiser(blend or guided), torch.cat([s.x for s in starts]),
-                                            sigmas, extra_args=extra, callback=on_step,
-                                            generator=generators[0] if n == 1 else generators)  # fmt: skip
+            x = get_sampler(params.sampler)(
+                plan.wrap_denoiser(blend or guided),
+                torch.cat([s.x for s in starts]),
+                sigmas,
+                extra_args=extra,
+                callback=on_step,
+                generator=generators[0] if n == 1 else generators,
+            )
             if blend is not None:
                 x = blend.finalize(x, float(sigmas[-1]))
             results.append((x * plan.output_scale).float())
@@ -191,8 +215,10 @@ class _Inputs:
             return
         mask_image = load_mask(params.mask)
         if mask_image.size != picture.size:
-            raise ValueError(f"mask size {mask_image.width}x{mask_image.height} differs from the image size "
-                             f"{picture.width}x{picture.height}")  # fmt: skip
+            raise ValueError(
+                f"mask size {mask_image.width}x{mask_image.height} differs from the image size "
+                f"{picture.width}x{picture.height}"
+            )
         mask = mask_to_tensor(mask_image, params.width, params.height)  # [1, 1, H, W] in {0, 1}
         self.latent_mask = F.interpolate(mask, size=latent_shape[-2:]).to(device)
         if pipe.spec.is_inpaint:
@@ -208,8 +234,16 @@ class _Start:
     inpainting from pure noise at strength 1 (as diffusers), else like img2img.
     """
 
-    def __init__(self, inputs: _Inputs, plan, sigmas, generator: torch.Generator, latent_shape: tuple[int, ...],
-                 latents: torch.Tensor | None, device: torch.device):  # fmt: skip
+    def __init__(
+        self,
+        inputs: _Inputs,
+        plan,
+        sigmas,
+        generator: torch.Generator,
+        latent_shape: tuple[int, ...],
+        latents: torch.Tensor | None,
+        device: torch.device,
+    ):
         self.image_latents = self.concat = None
         self.latent_mask = inputs.latent_mask
         if inputs.image_posterior is not None:

@@ -73,8 +73,15 @@ _SD2_TEXT = CLIPTextConfig(width=1024, layers=24, heads=16, activation="gelu", s
 _SD2_UNET = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True)
 _SD2 = dict(text=_SD2_TEXT, text_format="openclip", pad_token="!")
 
-_TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(1,),
-                        num_heads=2, context_dim=32, norm_groups=8)  # fmt: skip
+_TINY_UNET = UNetConfig(
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=2,
+    attention_levels=(1,),
+    num_heads=2,
+    context_dim=32,
+    norm_groups=8,
+)
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 _TINY_TEXT = CLIPTextConfig(width=32, layers=3, heads=4)
 
@@ -82,8 +89,9 @@ PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15"),
     "sd15-inpaint": ModelSpec("sd15-inpaint", unet=UNetConfig(in_channels=9)),
     "sd2-base": ModelSpec("sd2-base", unet=_SD2_UNET, **_SD2),
-    "sd2": ModelSpec("sd2", unet=replace(_SD2_UNET, upcast_attention=True), prediction_type="v_prediction",
-                     default_size=768, **_SD2),  # fmt: skip
+    "sd2": ModelSpec(
+        "sd2", unet=replace(_SD2_UNET, upcast_attention=True), prediction_type="v_prediction", default_size=768, **_SD2
+    ),
     "sd2-inpaint": ModelSpec("sd2-inpaint", unet=replace(_SD2_UNET, in_channels=9), **_SD2),
     # Small random models for tests: the real structure at a fraction of the size.
     "tiny": ModelSpec("tiny", unet=_TINY_UNET, vae=_TINY_VAE, text=_TINY_TEXT, default_size=64),
@@ -140,9 +148,18 @@ def infer_unet_config(sd: dict[str, torch.Tensor]) -> UNetConfig:
     context = to_k.shape[1]
     linear = sd["middle_block.1.proj_in.weight"].ndim == 2
     heads = {"num_heads": None, "head_dim": 64} if context == 1024 else {"num_heads": 8, "head_dim": None}
-    return UNetConfig(in_channels=conv_in.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
-                      channel_mult=tuple(mult), num_res_blocks=res_blocks, attention_levels=tuple(attention),
-                      transformer_depth=depth, context_dim=context, use_linear_proj=linear, **heads)  # fmt: skip
+    return UNetConfig(
+        in_channels=conv_in.shape[1],
+        out_channels=sd["out.2.weight"].shape[0],
+        model_channels=mc,
+        channel_mult=tuple(mult),
+        num_res_blocks=res_blocks,
+        attention_levels=tuple(attention),
+        transformer_depth=depth,
+        context_dim=context,
+        use_linear_proj=linear,
+        **heads,
+    )
 
 
 def infer_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
@@ -151,10 +168,14 @@ def infer_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = _count(sd, "encoder.down.")
     mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    return VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1],
-                     out_channels=sd["decoder.conv_out.weight"].shape[0],
-                     ch=ch, ch_mult=mult, num_res_blocks=_count(sd, "encoder.down.0.block."),
-                     z_channels=sd["post_quant_conv.weight"].shape[0])  # fmt: skip
+    return VAEConfig(
+        in_channels=sd["encoder.conv_in.weight"].shape[1],
+        out_channels=sd["decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=mult,
+        num_res_blocks=_count(sd, "encoder.down.0.block."),
+        z_channels=sd["post_quant_conv.weight"].shape[0],
+    )
 
 
 def infer_text_config(sd: dict[str, torch.Tensor], text_format: str) -> CLIPTextConfig:
@@ -163,11 +184,16 @@ def infer_text_config(sd: dict[str, torch.Tensor], text_format: str) -> CLIPText
     vocab, width = sd["embeddings.token_embedding.weight"].shape
     openclip = text_format == "openclip"
     layers = _count(sd, "encoder.layers.")
-    return CLIPTextConfig(vocab_size=vocab, width=width, layers=layers, heads=max(1, width // 64),
-                          mlp_ratio=sd["encoder.layers.0.mlp.fc1.weight"].shape[0] // width,
-                          max_positions=sd["embeddings.position_embedding.weight"].shape[0],
-                          activation="gelu" if openclip else "quick_gelu",
-                          skip_layers=1 if openclip and layers > 1 else 0)  # fmt: skip
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        width=width,
+        layers=layers,
+        heads=max(1, width // 64),
+        mlp_ratio=sd["encoder.layers.0.mlp.fc1.weight"].shape[0] // width,
+        max_positions=sd["embeddings.position_embedding.weight"].shape[0],
+        activation="gelu" if openclip else "quick_gelu",
+        skip_layers=1 if openclip and layers > 1 else 0,
+    )
 
 
 def infer_spec(state_dict: dict[str, torch.Tensor], prediction_type: str = "epsilon") -> ModelSpec:

@@ -70,8 +70,7 @@ class Chunk:
 
     def blank(self) -> Chunk:
         """The empty-prompt chunk in this chunk's framing (same BOS, EOS, pad and length)."""
-        return _frame([], [], bos=self.ids[0], eos=self.ids[self.n_tokens + 1], pad=self.pad_id,
-                      length=len(self.ids))
+        return _frame([], [], bos=self.ids[0], eos=self.ids[self.n_tokens + 1], pad=self.pad_id, length=len(self.ids))
 
 
 def parse_prompt(text: str) -> list[tuple[str, float]]:
@@ -146,8 +145,16 @@ def tokenize_prompt(tokenizer: Tokenizer, text: str, *, comma_backtrack: int = C
     def flush(keep_from: int | None = None) -> None:
         nonlocal ids, weights, last_comma
         cut = len(ids) if keep_from is None else keep_from
-        chunks.append(_frame(ids[:cut], weights[:cut], bos=tokenizer.bos_id, eos=tokenizer.eos_id,
-                             pad=tokenizer.pad_id, length=tokenizer.max_length))
+        chunks.append(
+            _frame(
+                ids[:cut],
+                weights[:cut],
+                bos=tokenizer.bos_id,
+                eos=tokenizer.eos_id,
+                pad=tokenizer.pad_id,
+                length=tokenizer.max_length,
+            )
+        )
         ids, weights, last_comma = ids[cut:], weights[cut:], -1
 
     for piece, weight in parse_prompt(text):
@@ -178,8 +185,9 @@ def pad_chunks(a: Sequence[Chunk], b: Sequence[Chunk]) -> tuple[list[Chunk], lis
     return a, b
 
 
-def encode_chunks(text_encoder: Callable[[Tensor], Tensor], chunks: Sequence[Chunk],
-                  device: torch.device | str | None = None) -> Tensor:
+def encode_chunks(
+    text_encoder: Callable[[Tensor], Tensor], chunks: Sequence[Chunk], device: torch.device | str | None = None
+) -> Tensor:
     """Encode each chunk alone (``ids`` as a ``[1, 77]`` int64 tensor on ``device`` ->
     ``[1, 77, D]``), apply its weights, and concatenate: ``[1, 77 * len(chunks), D]``.
 
@@ -220,9 +228,12 @@ def _frame(ids: list[int], weights: list[float], *, bos: int, eos: int, pad: int
     n = len(ids)
     assert n <= length - 2, "chunk overflow"
     padding = length - 2 - n
-    return Chunk(ids=(bos, *ids, eos, *([pad] * padding)),
-                 weights=(1.0, *(float(w) for w in weights), 1.0, *([1.0] * padding)),
-                 n_tokens=n, pad_id=pad)
+    return Chunk(
+        ids=(bos, *ids, eos, *([pad] * padding)),
+        weights=(1.0, *(float(w) for w in weights), 1.0, *([1.0] * padding)),
+        n_tokens=n,
+        pad_id=pad,
+    )
 
 
 def _is_float(text: str) -> bool:

@@ -65,8 +65,9 @@ def _packaged_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """Vocabulary and merges built from the packaged gz file (parsed once per process)."""
     raw = resources.files(__package__).joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
-    merges = tuple(_parse_merge(line, "bpe_simple_vocab_16e6.txt.gz", i + 2) for i, line in
-                   enumerate(lines[1 : 1 + _NUM_MERGES]))  # line 0 is a header
+    merges = tuple(
+        _parse_merge(line, "bpe_simple_vocab_16e6.txt.gz", i + 2) for i, line in enumerate(lines[1 : 1 + _NUM_MERGES])
+    )  # line 0 is a header
     chars = list(bytes_to_unicode().values())
     tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN]
     return {t: i for i, t in enumerate(tokens)}, merges
@@ -80,10 +81,19 @@ class CLIPTokenizer:
     matches too). ``None`` takes what transformers makes of the SD1.x/SD2.x hub folders.
     """
 
-    def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], *,
-                 bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, pad_token: str = EOS_TOKEN,
-                 unk_token: str = EOS_TOKEN, max_length: int = 77,
-                 added_tokens: Mapping[str, bool] | None = None, compat: str = "transformers") -> None:
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        merges: Sequence[tuple[str, str]],
+        *,
+        bos_token: str = BOS_TOKEN,
+        eos_token: str = EOS_TOKEN,
+        pad_token: str = EOS_TOKEN,
+        unk_token: str = EOS_TOKEN,
+        max_length: int = 77,
+        added_tokens: Mapping[str, bool] | None = None,
+        compat: str = "transformers",
+    ) -> None:
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
@@ -94,10 +104,10 @@ class CLIPTokenizer:
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.unk_token = unk_token
         if added_tokens is None:  # the hub folders: bos/eos/unk "normalized": true, pad a plain string
-            added_tokens = _resolve_flags([(bos_token, True), (eos_token, True), (unk_token, True),
-                                           (pad_token, False)])
-        missing = [t for t in dict.fromkeys((bos_token, eos_token, pad_token, unk_token, *added_tokens))
-                   if t not in vocab]
+            added_tokens = _resolve_flags([(bos_token, True), (eos_token, True), (unk_token, True), (pad_token, False)])
+        missing = [
+            t for t in dict.fromkeys((bos_token, eos_token, pad_token, unk_token, *added_tokens)) if t not in vocab
+        ]
         if missing:
             raise ValueError(f"special tokens {missing} are not in the vocabulary")
         self.added_tokens = dict(added_tokens)
@@ -130,8 +140,11 @@ class CLIPTokenizer:
         merges_path = _require(folder, "merges.txt")
         # split("\n"), not splitlines(): the latter also breaks at characters such as U+0085.
         lines = merges_path.read_text(encoding="utf-8").split("\n")
-        merges = [_parse_merge(line.rstrip("\r"), merges_path, i + 1) for i, line in enumerate(lines)
-                  if line.rstrip("\r") and not (i == 0 and line.startswith("#version"))]
+        merges = [
+            _parse_merge(line.rstrip("\r"), merges_path, i + 1)
+            for i, line in enumerate(lines)
+            if line.rstrip("\r") and not (i == 0 and line.startswith("#version"))
+        ]
         config = _read_json(folder, "tokenizer_config.json")
         special_map = {}  # optional: older folders repeat the special tokens here
         if (folder / "special_tokens_map.json").exists():
@@ -143,9 +156,16 @@ class CLIPTokenizer:
     def to_dict(self) -> dict:
         """Everything the tokenizer is, as JSON-ready data (a trained vocabulary travels inside a
         model file's metadata this way)."""
-        return {"vocab": self.encoder, "merges": [f"{a} {b}" for a, b in self.merges],
-                "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-                "unk_token": self.unk_token, "max_length": self.max_length, "added_tokens": self.added_tokens}
+        return {
+            "vocab": self.encoder,
+            "merges": [f"{a} {b}" for a, b in self.merges],
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "max_length": self.max_length,
+            "added_tokens": self.added_tokens,
+        }
 
     @classmethod
     def from_dict(cls, data: dict, *, compat: str = "transformers") -> CLIPTokenizer:
@@ -164,25 +184,46 @@ class CLIPTokenizer:
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        named = {"bos_token": self.bos_token, "eos_token": self.eos_token,
-                 "unk_token": self.unk_token, "pad_token": self.pad_token}
+        named = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+        }
 
         def token(content: str) -> dict:
             normalized = self.added_tokens.get(content, False)
-            return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False,
-                    "single_word": False}
+            return {
+                "content": content,
+                "lstrip": False,
+                "normalized": normalized,
+                "rstrip": False,
+                "single_word": False,
+            }
 
         # added_tokens_decoder states each flag once, so no reader has to reconcile duplicates.
-        decoder = {str(self.encoder[t]): {**token(t), "special": True}
-                   for t in sorted(self.added_tokens, key=self.encoder.__getitem__)}
-        config = {"add_prefix_space": False, "added_tokens_decoder": decoder, **named, "do_lower_case": True,
-                  "errors": "replace", "model_max_length": self.max_length, "tokenizer_class": "CLIPTokenizer"}
-        _write_all(folder, {
-            "vocab.json": json.dumps(self.encoder, ensure_ascii=False),
-            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),
-            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-            "special_tokens_map.json": json.dumps({k: token(t) for k, t in named.items()}, indent=2) + "\n",
-        })
+        decoder = {
+            str(self.encoder[t]): {**token(t), "special": True}
+            for t in sorted(self.added_tokens, key=self.encoder.__getitem__)
+        }
+        config = {
+            "add_prefix_space": False,
+            "added_tokens_decoder": decoder,
+            **named,
+            "do_lower_case": True,
+            "errors": "replace",
+            "model_max_length": self.max_length,
+            "tokenizer_class": "CLIPTokenizer",
+        }
+        _write_all(
+            folder,
+            {
+                "vocab.json": json.dumps(self.encoder, ensure_ascii=False),
+                "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),
+                "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                "special_tokens_map.json": json.dumps({k: token(t) for k, t in named.items()}, indent=2) + "\n",
+            },
+        )
         return folder
 
     def encode(self, text: str) -> list[int]:
@@ -316,8 +357,7 @@ def _special_tokens(config: dict, special_map: dict) -> tuple[dict[str, str], di
     values = {k: config[k] for k in _NAMED if config.get(k) is not None}
     if decoder is None:
         values.update({k: special_map[k] for k in _NAMED if special_map.get(k) is not None})
-    fixed = {_content(v): bool(v.get("normalized", not v.get("special", False)))
-             for v in (decoder or {}).values()}
+    fixed = {_content(v): bool(v.get("normalized", not v.get("special", False))) for v in (decoder or {}).values()}
     named, pending = {}, []
     for key in _NAMED:
         value = values.get(key, BOS_TOKEN if key == "bos_token" else EOS_TOKEN)

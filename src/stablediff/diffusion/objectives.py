@@ -44,8 +44,9 @@ def snr(t: Tensor, alphas_cumprod: Tensor) -> Tensor:
     return ac / (1 - ac)
 
 
-def min_snr_gamma_weights(t: Tensor, alphas_cumprod: Tensor, gamma: float, prediction_type: str,
-                          floor: float = 0.0) -> Tensor:  # fmt: skip
+def min_snr_gamma_weights(
+    t: Tensor, alphas_cumprod: Tensor, gamma: float, prediction_type: str, floor: float = 0.0
+) -> Tensor:
     """Per-sample MSE weights of Min-SNR-gamma (Hang et al. 2023), float32 [B].
 
     ``min(SNR, gamma)`` turned into a weight for the network's own target: divided by SNR for eps,

@@ -24,6 +24,19 @@ from stablediff.eval.judge import ObjectVerdict, Verdict, judge
 from stablediff.eval.sweep import plot_sweep, sweep, write_sweep
 
 __all__ = [
-    "Degradation", "DetectedObject", "ObjectVerdict", "Verdict", "analyse", "degraded_render", "describe",
-    "evaluate", "format_report", "judge", "plot_sweep", "sweep", "validate_judge", "write_report", "write_sweep",
-]  # fmt: skip
+    "Degradation",
+    "DetectedObject",
+    "ObjectVerdict",
+    "Verdict",
+    "analyse",
+    "degraded_render",
+    "describe",
+    "evaluate",
+    "format_report",
+    "judge",
+    "plot_sweep",
+    "sweep",
+    "validate_judge",
+    "write_report",
+    "write_sweep",
+]

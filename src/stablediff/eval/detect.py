@@ -67,9 +67,16 @@ class DetectedObject:
     scores: dict[str, float] = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"color": self.color, "shape": self.shape, "size": self.size, "cell": self.cell,
-                "center": [round(v, 4) for v in self.center], "radius": round(self.radius, 4),
-                "area": round(self.area, 5), "scores": {k: round(v, 3) for k, v in self.scores.items()}}
+        return {
+            "color": self.color,
+            "shape": self.shape,
+            "size": self.size,
+            "cell": self.cell,
+            "center": [round(v, 4) for v in self.center],
+            "radius": round(self.radius, 4),
+            "area": round(self.area, 5),
+            "scores": {k: round(v, 3) for k, v in self.scores.items()},
+        }
 
     @property
     def phrase(self) -> str:
@@ -127,8 +134,8 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     taps /= taps.sum()
     h, w = x.shape
     p = np.pad(x, radius)
-    rows = sum(t * p[i:i + h, :] for i, t in enumerate(taps))
-    return sum(t * rows[:, i:i + w] for i, t in enumerate(taps))
+    rows = sum(t * p[i : i + h, :] for i, t in enumerate(taps))
+    return sum(t * rows[:, i : i + w] for i, t in enumerate(taps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +163,14 @@ def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def _background(img: np.ndarray) -> tuple[np.ndarray, str | None]:
     ring = max(1, img.shape[0] // 32)
-    border = np.concatenate([img[:ring].reshape(-1, 3), img[-ring:].reshape(-1, 3),
-                             img[:, :ring].reshape(-1, 3), img[:, -ring:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            img[:ring].reshape(-1, 3),
+            img[-ring:].reshape(-1, 3),
+            img[:, :ring].reshape(-1, 3),
+            img[:, -ring:].reshape(-1, 3),
+        ]
+    )
     b = np.median(border, axis=0)
     dist = {name: float(np.linalg.norm(b - rgb)) for name, rgb in BACKGROUNDS.items()}
     name = min(dist, key=dist.__getitem__)
@@ -191,7 +204,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
         new = lab
         for dy in range(3):
             for dx in range(3):
-                new = np.minimum(new, p[dy:dy + h, dx:dx + w])
+                new = np.minimum(new, p[dy : dy + h, dx : dx + w])
         new = np.where(mask, new, big)
         flat = np.append(new.ravel(), big)
         new = flat[new]  # jump to the label of the pixel one points at
@@ -227,7 +240,7 @@ def _measure(img: np.ndarray, b: np.ndarray, k: int, own: np.ndarray, region: np
     side = img.shape[0]
     p = img - b
     alpha_palette, _ = _project(p[own], _PALETTE[k] - b)
-    top = np.argsort(alpha_palette)[-max(3, math.ceil(0.3 * alpha_palette.size)):]
+    top = np.argsort(alpha_palette)[-max(3, math.ceil(0.3 * alpha_palette.size)) :]
     d = p[own][top].mean(axis=0)  # this object's own colour, background subtracted
     if float(d @ d) < 30.0**2:
         return None
@@ -261,9 +274,14 @@ def _measure(img: np.ndarray, b: np.ndarray, k: int, own: np.ndarray, region: np
     cx, cy, r = fits[shape]
     col, row = min(2, max(0, int(3 * cx / side))), min(2, max(0, int(3 * cy / side)))
     return DetectedObject(
-        color=_COLOR_NAMES[k], shape=shape, size="large" if r / side > SIZE_THRESHOLD else "small",
-        cell=CELLS[3 * row + col], center=(cx / side, cy / side), radius=r / side,
-        area=mass / side**2, scores=scores,
+        color=_COLOR_NAMES[k],
+        shape=shape,
+        size="large" if r / side > SIZE_THRESHOLD else "small",
+        cell=CELLS[3 * row + col],
+        center=(cx / side, cy / side),
+        radius=r / side,
+        area=mass / side**2,
+        scores=scores,
     )
 
 
@@ -288,8 +306,10 @@ def analyse(image: Image.Image | np.ndarray) -> tuple[str | None, tuple[Detected
     merged = True
     while merged:
         terr = _territories(masks, _pad(img.shape[0]))
-        objects = [_measure(img, b, k, own & m, terr == i) if m.any() else None
-                   for i, ((k, own), m) in enumerate(zip(found, masks, strict=True))]
+        objects = [
+            _measure(img, b, k, own & m, terr == i) if m.any() else None
+            for i, ((k, own), m) in enumerate(zip(found, masks, strict=True))
+        ]
         # A colour fringe: where blur, noise, compression or a colour shift meet at an object's
         # edge, mixtures with the background can sit closer to another colour's segment. Such a
         # component touches a larger object and is too small or fits no shape: it is part of

@@ -62,8 +62,9 @@ class Degradation:
     noise: float = 8.0
 
 
-def degraded_render(scene: Scene, size: int, jitter_seed: int, rng: np.random.Generator,
-                    degradation: Degradation | None = None) -> Image.Image:
+def degraded_render(
+    scene: Scene, size: int, jitter_seed: int, rng: np.random.Generator, degradation: Degradation | None = None
+) -> Image.Image:
     """``render(scene, size, random.Random(jitter_seed))`` degraded by ``degradation`` (None: the
     default ``Degradation()``), its random draws taken from ``rng``.
 
@@ -96,9 +97,13 @@ def _mean(values: Sequence[bool | None]) -> float | None:
 
 
 def _object_flags(v: Verdict) -> dict[str, list[bool | None]]:
-    return {"color": [o.color for o in v.objects], "shape": [o.shape for o in v.objects],
-            "color_shape": [o.color and o.shape for o in v.objects],
-            "size": [o.size for o in v.objects], "position": [o.position for o in v.objects]}
+    return {
+        "color": [o.color for o in v.objects],
+        "shape": [o.shape for o in v.objects],
+        "color_shape": [o.color and o.shape for o in v.objects],
+        "size": [o.size for o in v.objects],
+        "position": [o.position for o in v.objects],
+    }
 
 
 def _judge_accuracy(verdicts: Sequence[Verdict]) -> dict[str, Any]:
@@ -129,21 +134,30 @@ def _validate(n: int, seed: int, degradation: Degradation | None, size: int) -> 
         spec = parse_caption(canonical_caption(scene))  # the prompt path: caption -> parser -> spec
         assert spec == SceneSpec.from_scene(scene)
         jitter_seed = rng.randrange(2**32)
-        image = degraded_render(scene, size, jitter_seed, noise_rng, degradation) if degradation \
+        image = (
+            degraded_render(scene, size, jitter_seed, noise_rng, degradation)
+            if degradation
             else render(scene, size, random.Random(jitter_seed))
+        )
         verdict = judge(image, spec)
         verdicts.append(verdict)
         for key in (f"{len(scene.objects)} objects", f"{scene.background} background"):
             groups.setdefault(key, []).append(verdict)
     result = _judge_accuracy(verdicts)
     result["by_group"] = {k: _judge_accuracy(vs)["overall"] for k, vs in sorted(groups.items())}
-    result |= {"n": n, "seed": seed, "image_size": size, "degradation": asdict(degradation) if degradation else None,
-               "seconds": round(time.perf_counter() - t0, 2)}
+    result |= {
+        "n": n,
+        "seed": seed,
+        "image_size": size,
+        "degradation": asdict(degradation) if degradation else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     return json.dumps(result)
 
 
-def validate_judge(n: int = 500, seed: int = 1234, degraded: bool = False, size: int = 64,
-                   degradation: Degradation | None = None) -> dict[str, Any]:
+def validate_judge(
+    n: int = 500, seed: int = 1234, degraded: bool = False, size: int = 64, degradation: Degradation | None = None
+) -> dict[str, Any]:
     """The judge's accuracy on ``n`` freshly rendered random scenes (one or two objects, every
     background, held-in and held-out pairs), each judged against its canonical caption.
 
@@ -169,17 +183,24 @@ def _suite_metrics(verdicts: Sequence[Verdict]) -> dict[str, float | None]:
     for k in OBJECT_METRICS:
         out[k] = _mean([x for f in per_object for x in f[k]])
     # A relation is followed only when both objects are right (colour and shape) and it holds.
-    out["relation"] = _mean([None if v.relation is None else
-                             v.relation and all(o.color and o.shape for o in v.objects) for v in verdicts])
+    out["relation"] = _mean(
+        [None if v.relation is None else v.relation and all(o.color and o.shape for o in v.objects) for v in verdicts]
+    )
     out["background"] = _mean([v.background for v in verdicts])
     out["count"] = _mean([v.count for v in verdicts])
     out["all_correct"] = _mean([v.all_correct for v in verdicts])
     return out
 
 
-def evaluate(generate_fn: GenerateFn, suites: Sequence[str] = SUITES, n: int = 200, seed: int = 0,
-             progress: Callable[[int, int], None] | None = None, judge_n: int = 300,
-             image_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def evaluate(
+    generate_fn: GenerateFn,
+    suites: Sequence[str] = SUITES,
+    n: int = 200,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    judge_n: int = 300,
+    image_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Generate and judge ``n`` prompts of each suite (``prompt_suite(suite, n, seed)``).
 
     Prompt ``i`` of a suite is generated with seed ``seed + i`` (the same seeds in every suite
@@ -212,20 +233,35 @@ def evaluate(generate_fn: GenerateFn, suites: Sequence[str] = SUITES, n: int = 2
         if image_dir is not None:
             image.save(Path(image_dir) / f"{suite}_{i:04d}.png")
         verdicts[suite].append(verdict)
-        records.append({"suite": suite, "index": i, "prompt": prompt, "seed": seed + i,
-                        "all_correct": verdict.all_correct, "verdict": verdict.to_dict()})
+        records.append(
+            {
+                "suite": suite,
+                "index": i,
+                "prompt": prompt,
+                "seed": seed + i,
+                "all_correct": verdict.all_correct,
+                "verdict": verdict.to_dict(),
+            }
+        )
         if progress is not None:
             progress(done, len(prompts))
     judge_report = None
     if judge_n and size:
-        judge_report = {"clean": validate_judge(judge_n, degraded=False, size=size),
-                        "degraded": validate_judge(judge_n, degraded=True, size=size)}
+        judge_report = {
+            "clean": validate_judge(judge_n, degraded=False, size=size),
+            "degraded": validate_judge(judge_n, degraded=True, size=size),
+        }
     count = max(1, len(prompts))
     return {
         "suites": {s: _suite_metrics(vs) for s, vs in verdicts.items()},
         "overall": _suite_metrics([v for vs in verdicts.values() for v in vs]),
-        "judge": judge_report, "records": records, "n": n, "seed": seed, "size": size,
-        "seconds_per_image": gen_time / count, "judge_seconds_per_image": judge_time / count,
+        "judge": judge_report,
+        "records": records,
+        "n": n,
+        "seed": seed,
+        "size": size,
+        "seconds_per_image": gen_time / count,
+        "judge_seconds_per_image": judge_time / count,
     }
 
 
@@ -247,24 +283,45 @@ def _pct(x: float | None) -> str:
 def format_report(result: dict[str, Any], failures: int = 10) -> str:
     """The markdown report of ``evaluate``'s result: the table, the judge's accuracy and up to
     ``failures`` failed prompts per suite with what went wrong."""
-    lines = [f"# Prompt-following evaluation ({result['n']} prompts per suite, seed {result['seed']}, "
-             f"{result['size']} px)", "", "Accuracy in %; — where no prompt of the suite asks for it.", "",
-             "| suite | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines = [
+        f"# Prompt-following evaluation ({result['n']} prompts per suite, seed {result['seed']}, {result['size']} px)",
+        "",
+        "Accuracy in %; — where no prompt of the suite asks for it.",
+        "",
+        "| suite | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+    ]
     rows = [*result["suites"].items(), ("overall", result["overall"])]
     lines += [f"| {name} | " + " | ".join(_pct(m[k]) for k in METRICS) + " |" for name, m in rows]
-    lines += ["", f"Generation: {result['seconds_per_image']:.3f} s per image; "
-                  f"judge: {result['judge_seconds_per_image']:.4f} s per image.", ""]
+    lines += [
+        "",
+        f"Generation: {result['seconds_per_image']:.3f} s per image; "
+        f"judge: {result['judge_seconds_per_image']:.4f} s per image.",
+        "",
+    ]
     if result.get("judge"):
-        lines += ["## The judge's own accuracy (rendered ground truth)", "",
-                  "| images | n | color | shape | size | position | relation | background | overall | all correct |",
-                  "|---" * 10 + "|"]
+        lines += [
+            "## The judge's own accuracy (rendered ground truth)",
+            "",
+            "| images | n | color | shape | size | position | relation | background | overall | all correct |",
+            "|---" * 10 + "|",
+        ]
         for name, j in result["judge"].items():
-            lines.append(f"| {name} | {j['n']} | " + " | ".join(
-                _pct(j[k]) for k in ("color", "shape", "size", "position", "relation", "background",
-                                     "overall", "all_correct")) + " |")
+            lines.append(
+                f"| {name} | {j['n']} | "
+                + " | ".join(
+                    _pct(j[k])
+                    for k in ("color", "shape", "size", "position", "relation", "background", "overall", "all_correct")
+                )
+                + " |"
+            )
         deg = result["judge"]["degraded"]["degradation"]
-        lines += ["", f"Degraded: per-object colour shift ±{deg['shift']:g} per channel, Gaussian blur radius "
-                      f"{deg['blur'][0]:g}–{deg['blur'][1]:g} px (at 64 px), noise σ {deg['noise']:g} levels.", ""]
+        lines += [
+            "",
+            f"Degraded: per-object colour shift ±{deg['shift']:g} per channel, Gaussian blur radius "
+            f"{deg['blur'][0]:g}–{deg['blur'][1]:g} px (at 64 px), noise σ {deg['noise']:g} levels.",
+            "",
+        ]
     for suite in result["suites"]:
         failed = [r for r in result["records"] if r["suite"] == suite and not r["all_correct"]]
         if not failed:
@@ -272,8 +329,10 @@ def format_report(result: dict[str, Any], failures: int = 10) -> str:
         lines += [f"## Failures: {suite} ({len(failed)})", ""]
         for r in failed[:failures]:
             seen = ", ".join(f"{d['size']} {d['color']} {d['shape']} at {d['cell']}" for d in r["verdict"]["detected"])
-            lines.append(f"- seed {r['seed']}: “{r['prompt']}” — {'; '.join(r['verdict']['errors'])} "
-                         f"(seen: {seen or 'nothing'} on {r['verdict']['detected_background']})")
+            lines.append(
+                f"- seed {r['seed']}: “{r['prompt']}” — {'; '.join(r['verdict']['errors'])} "
+                f"(seen: {seen or 'nothing'} on {r['verdict']['detected_background']})"
+            )
         lines.append("")
     return "\n".join(lines)
 

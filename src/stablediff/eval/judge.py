@@ -51,8 +51,12 @@ class Verdict:
 
     @property
     def all_correct(self) -> bool:
-        return all(o.correct for o in self.objects) and self.count \
-            and self.relation is not False and self.background is not False
+        return (
+            all(o.correct for o in self.objects)
+            and self.count
+            and self.relation is not False
+            and self.background is not False
+        )
 
     def errors(self) -> list[str]:
         """What is wrong, in words ("object 1 (red circle): shape is square"), for reports."""
@@ -62,8 +66,12 @@ class Verdict:
             if o.detected is None:
                 out.append(f"{name}: missing")
                 continue
-            seen = {"color": o.detected.color, "shape": o.detected.shape, "size": o.detected.size,
-                    "position": o.detected.cell}
+            seen = {
+                "color": o.detected.color,
+                "shape": o.detected.shape,
+                "size": o.detected.size,
+                "position": o.detected.cell,
+            }
             out += [f"{name}: {k} is {seen[k]}" for k in seen if getattr(o, k) is False]
         if self.relation is False:
             out.append(f"relation {self.spec.relation!r} does not hold")
@@ -78,19 +86,31 @@ class Verdict:
         seen and the errors in words."""
         return {
             "all_correct": self.all_correct,
-            "objects": [{"color": o.color, "shape": o.shape, "size": o.size, "position": o.position,
-                         "matched": None if o.detected is None else self.detected.index(o.detected)}
-                        for o in self.objects],
-            "relation": self.relation, "background": self.background, "count": self.count,
+            "objects": [
+                {
+                    "color": o.color,
+                    "shape": o.shape,
+                    "size": o.size,
+                    "position": o.position,
+                    "matched": None if o.detected is None else self.detected.index(o.detected),
+                }
+                for o in self.objects
+            ],
+            "relation": self.relation,
+            "background": self.background,
+            "count": self.count,
             "detected_background": self.detected_background,
-            "detected": [d.to_dict() for d in self.detected], "errors": self.errors(),
+            "detected": [d.to_dict() for d in self.detected],
+            "errors": self.errors(),
         }
 
 
 def _object_verdict(req: ObjectSpec, det: DetectedObject | None) -> ObjectVerdict:
     seen = (None,) * 4 if det is None else (det.color, det.shape, det.size, det.cell)
-    flags = [None if want is None else want == got
-             for want, got in zip((req.color, req.shape, req.size, req.cell), seen, strict=True)]
+    flags = [
+        None if want is None else want == got
+        for want, got in zip((req.color, req.shape, req.size, req.cell), seen, strict=True)
+    ]
     return ObjectVerdict(req, det, *flags)
 
 

@@ -22,10 +22,16 @@ STEPS = (4, 8, 20, 50)
 GUIDANCES = (1.0, 3.0, 5.0, 7.5)
 
 
-def sweep(make_generate_fn: Callable[[str, int, float], GenerateFn], samplers: Sequence[str] = SAMPLERS,
-          steps: Sequence[int] = STEPS, guidances: Sequence[float] = GUIDANCES, n: int = 50, seed: int = 0,
-          suites: Sequence[str] = ("single", "relation"),
-          progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+def sweep(
+    make_generate_fn: Callable[[str, int, float], GenerateFn],
+    samplers: Sequence[str] = SAMPLERS,
+    steps: Sequence[int] = STEPS,
+    guidances: Sequence[float] = GUIDANCES,
+    n: int = 50,
+    seed: int = 0,
+    suites: Sequence[str] = ("single", "relation"),
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
     """Evaluate every (sampler, steps, guidance) of the grid on ``n`` prompts per suite.
 
     Cost: ``len(samplers) * len(steps) * len(guidances) * n * len(suites)`` images (the defaults:
@@ -41,8 +47,12 @@ def sweep(make_generate_fn: Callable[[str, int, float], GenerateFn], samplers: S
     rows = []
     for done, (sampler, n_steps, guidance) in enumerate(grid, 1):
         result = evaluate(make_generate_fn(sampler, n_steps, guidance), suites, n, seed, judge_n=0)
-        row: dict[str, Any] = {"sampler": sampler, "steps": n_steps, "guidance": guidance,
-                               "seconds_per_image": result["seconds_per_image"]}
+        row: dict[str, Any] = {
+            "sampler": sampler,
+            "steps": n_steps,
+            "guidance": guidance,
+            "seconds_per_image": result["seconds_per_image"],
+        }
         row |= result["overall"]
         row |= {f"{s}/all_correct": m["all_correct"] for s, m in result["suites"].items()}
         rows.append(row)
@@ -57,8 +67,12 @@ def write_sweep(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str])
     out.mkdir(parents=True, exist_ok=True)
     cols = ("color_shape", "size", "position", "relation", "all_correct")
     lines = ["| sampler | steps | guidance | s/image | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
-    lines += [f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['seconds_per_image']:.3f} | "
-              + " | ".join(_pct(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += [
+        f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['seconds_per_image']:.3f} | "
+        + " | ".join(_pct(r.get(c)) for c in cols)
+        + " |"
+        for r in rows
+    ]
     _atomic_write(out / "sweep.json", json.dumps(list(rows), indent=1) + "\n")
     _atomic_write(out / "sweep.md", "\n".join(lines) + "\n")
     return out / "sweep.json", out / "sweep.md"
@@ -69,8 +83,13 @@ def _middle(values: set[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], metric: str = "all_correct",
-               guidance: float | None = None, steps: int | None = None) -> Path:
+def plot_sweep(
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    metric: str = "all_correct",
+    guidance: float | None = None,
+    steps: int | None = None,
+) -> Path:
     """Three panels of ``metric`` (one of ``METRICS`` or ``{suite}/all_correct``): against steps
     per sampler at ``guidance`` (None: the middle guidance swept), against guidance per sampler at
     ``steps`` (None: the most steps swept), and against seconds per image for every row. Writes a

@@ -68,9 +68,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            nn.Linear(cfg.width, cfg.width) for _ in range(4)
-        )
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Causal: a token sees only the tokens before it (CLIP's text tower is autoregressive-masked).

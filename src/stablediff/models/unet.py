@@ -82,9 +82,7 @@ class ResBlock(nn.Module):
             nn.Identity(),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)

@@ -87,8 +87,11 @@ class ObjectSpec:
         _check("cell", self.cell, [None, *CELLS])
 
     def matches(self, obj: ShapeObject) -> bool:
-        return (self.shape, self.color) == (obj.shape, obj.color) and self.size in (None, obj.size) \
+        return (
+            (self.shape, self.color) == (obj.shape, obj.color)
+            and self.size in (None, obj.size)
             and self.cell in (None, obj.cell)
+        )
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,11 @@ class SceneSpec:
         if len(self.objects) == 2:
             a, b = self.objects
             if a.cell is not None and b.cell is not None:
-                _check(f"relation for cells {a.cell!r} -> {b.cell!r}", self.relation,
-                       [None, *true_relations(a.cell, b.cell)])
+                _check(
+                    f"relation for cells {a.cell!r} -> {b.cell!r}",
+                    self.relation,
+                    [None, *true_relations(a.cell, b.cell)],
+                )
 
     @classmethod
     def from_scene(cls, scene: Scene) -> SceneSpec:
@@ -236,8 +242,9 @@ def _vocabulary() -> dict[str, tuple[str, str | None]]:
     vocab |= {c: ("color", c) for c in COLORS}
     vocab |= {p: ("cell", k) for k, ps in CELL_PHRASES.items() for p in ps}
     vocab |= {p: ("relation", k) for k, ps in RELATION_PHRASES.items() for p in ps}
-    vocab |= {t.format(w): ("background", k) for k, ws in BACKGROUND_WORDS.items() for w in ws
-              for t in BACKGROUND_TEMPLATES}
+    vocab |= {
+        t.format(w): ("background", k) for k, ws in BACKGROUND_WORDS.items() for w in ws for t in BACKGROUND_TEMPLATES
+    }
     return vocab
 
 
@@ -256,8 +263,8 @@ def parse_caption(text: str) -> SceneSpec:
     norm = " ".join(re.sub(r"[^a-z]+", " ", text.lower()).split())
     tokens, end = [], 0
     for m in _TOKEN.finditer(norm):
-        if norm[end:m.start()].strip():
-            raise ValueError(f"cannot parse caption {text!r}: unknown words {norm[end:m.start()].strip()!r}")
+        if norm[end : m.start()].strip():
+            raise ValueError(f"cannot parse caption {text!r}: unknown words {norm[end : m.start()].strip()!r}")
         tokens.append(_VOCAB[m.group(1)])
         end = m.end()
     if norm[end:].strip():
@@ -304,8 +311,8 @@ def object_word_spans(text: str) -> list[tuple[tuple[str, str], list[tuple[int, 
     objects: list[tuple[tuple[str, str], list[tuple[int, int]]]] = []
     color, spans, end = None, [], 0
     for m in _TOKEN.finditer(text):
-        if text[end:m.start()].strip(" ,"):
-            raise ValueError(f"cannot read caption {text!r}: unknown words {text[end:m.start()].strip()!r}")
+        if text[end : m.start()].strip(" ,"):
+            raise ValueError(f"cannot read caption {text!r}: unknown words {text[end : m.start()].strip()!r}")
         end = m.end()
         kind, value = _VOCAB[m.group(1)]
         if kind in ("size", "color", "shape"):
@@ -347,8 +354,9 @@ def prompt_suite(kind: str, n: int = 200, seed: int = 0) -> list[tuple[str, Scen
     """
     _check("kind", kind, SUITES)
     if kind == "relation":
-        combos: list[tuple[Any, ...]] = [(a, b, r, bg) for a in TRAIN_PAIRS for b in TRAIN_PAIRS if a != b
-                                         for r in RELATIONS for bg in BACKGROUNDS]
+        combos: list[tuple[Any, ...]] = [
+            (a, b, r, bg) for a in TRAIN_PAIRS for b in TRAIN_PAIRS if a != b for r in RELATIONS for bg in BACKGROUNDS
+        ]
     else:
         pairs = TRAIN_PAIRS if kind == "single" else sorted(HELD_OUT_PAIRS)
         combos = [(p, size, cell, bg) for p in pairs for size in SIZES for cell in CELLS for bg in BACKGROUNDS]

@@ -32,8 +32,15 @@ class ShapesDataset:
     with ``write_shapes_folder`` and read them with ``CaptionedFolder``, or pass a ``collate_fn``.
     """
 
-    def __init__(self, n: int, seed: int = 0, split: str = "train", size: int = 64,
-                 transform: Callable[[Image.Image], Any] | None = None, n_objects: int | None = None):
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        split: str = "train",
+        size: int = 64,
+        transform: Callable[[Image.Image], Any] | None = None,
+        n_objects: int | None = None,
+    ):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if not isinstance(size, int) or size < 16:
@@ -75,8 +82,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_shapes_folder(out_dir: str | os.PathLike[str], n: int, seed: int = 0, split: str = "train",
-                        size: int = 64, progress: Callable[[int, int], None] | None = None) -> Path:
+def write_shapes_folder(
+    out_dir: str | os.PathLike[str],
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Write ``n`` items of ``ShapesDataset(n, seed, split, size)`` as a captioned folder.
 
     Files: ``00000.png`` + ``00000.txt`` (the caption) per item, and ``metadata.jsonl`` with one

@@ -40,9 +40,21 @@ OUTLINES: dict[str, list[tuple[float, float]]] = {
     "triangle": [(0.0, -0.95), (1.0, 0.85), (-1.0, 0.85)],  # pointing up
     "star": _star(),
     "heart": _heart(),
-    "cross": [(-_W, -1), (_W, -1), (_W, -_W), (1, -_W), (1, _W), (_W, _W),
-              (_W, 1), (-_W, 1), (-_W, _W), (-1, _W), (-1, -_W), (-_W, -_W)],
-}  # fmt: skip
+    "cross": [
+        (-_W, -1),
+        (_W, -1),
+        (_W, -_W),
+        (1, -_W),
+        (1, _W),
+        (_W, _W),
+        (_W, 1),
+        (-_W, 1),
+        (-_W, _W),
+        (-1, _W),
+        (-1, -_W),
+        (-_W, -_W),
+    ],
+}
 # A point well inside each shape, in unit coordinates (the triangle's centroid is below centre).
 ANCHORS: dict[str, tuple[float, float]] = {s: (0.0, 0.0) for s in SHAPES} | {"triangle": (0.0, 0.25)}
 
@@ -59,8 +71,12 @@ class Placement:
 
     def box(self, size: int) -> list[float]:
         """The bounding box [x0, y0, x1, y1] in fractions of the image side ``size``."""
-        return [(self.cx - self.radius) / size, (self.cy - self.radius) / size,
-                (self.cx + self.radius) / size, (self.cy + self.radius) / size]  # fmt: skip
+        return [
+            (self.cx - self.radius) / size,
+            (self.cy - self.radius) / size,
+            (self.cx + self.radius) / size,
+            (self.cy + self.radius) / size,
+        ]
 
 
 def layout(scene: Scene, size: int = 64, jitter_rng: Rng | None = None) -> tuple[Placement, ...]:
@@ -98,4 +114,3 @@ def render(scene: Scene, size: int = 64, jitter_rng: Rng | None = None) -> Image
         else:
             draw.polygon([(cx + x * r, cy + y * r) for x, y in OUTLINES[obj.shape]], fill=fill)
     return img.resize((size, size), Image.Resampling.BOX)
-

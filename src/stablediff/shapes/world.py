@@ -53,20 +53,29 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "cro
 # the full jitter (2 * 0.14 + 2 * JITTER < 1/3), and a corner shape stays inside the image.
 SIZES: dict[str, float] = {"small": 0.08, "large": 0.14}
 JITTER = 0.025  # maximal offset of a shape's centre from its cell centre, per axis, fraction of side
+# The 3x3 grid, row by row (kept in that layout: formatting would put one cell per line).
+# fmt: off
 CELLS: tuple[str, ...] = (
     "top left", "top", "top right",
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
-)  # fmt: skip
+)
+# fmt: on
 CELL_ROWCOL: dict[str, tuple[int, int]] = {cell: divmod(i, 3) for i, cell in enumerate(CELLS)}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 INVERSE_RELATION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 # Each colour and each shape at most once: the held-out test asks for unseen *combinations* of
 # attributes that were all seen separately.
-HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset({
-    ("red", "star"), ("green", "heart"), ("blue", "triangle"),
-    ("yellow", "cross"), ("purple", "circle"), ("orange", "square"),
-})  # fmt: skip
+HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("red", "star"),
+        ("green", "heart"),
+        ("blue", "triangle"),
+        ("yellow", "cross"),
+        ("purple", "circle"),
+        ("orange", "square"),
+    }
+)
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS)
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -141,7 +150,6 @@ class Scene:
         return cls(d["background"], tuple(ShapeObject(**o) for o in d["objects"]), d.get("relation"))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Sampling
 def _check_rng(rng: object) -> None:
@@ -189,4 +197,3 @@ def sample_scene(rng: Rng, split: str = "train", n_objects: int | None = None) -
     )
     relation = _choice(rng, true_relations(cells[0], cells[1])) if n == 2 else None
     return Scene(background, objects, relation)
-

@@ -155,8 +155,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, max_length: int = 77) ->
     `vocab_size` below the minimum or an empty corpus.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes, 256 bytes + </w>, "
-                         f"<|startoftext|>, <|endoftext|>), got {vocab_size!r}")
+        raise ValueError(
+            f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes, 256 bytes + </w>, "
+            f"<|startoftext|>, <|endoftext|>), got {vocab_size!r}"
+        )
     counts = count_words(texts)
     if not counts:
         raise ValueError("cannot train a BPE vocabulary on an empty corpus (no words in any text)")
@@ -174,11 +176,22 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, max_length: int = 77) ->
             merges.pop()
         vocab = build_vocab(merges)
     if len(vocab) < vocab_size:
-        logger.warning("BPE: the corpus (%d distinct words) allows only %d merges; vocabulary has %d ids, "
-                       "not %d", len(counts), len(merges), len(vocab), vocab_size)
-    return CLIPTokenizer(vocab, merges, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-                         unk_token=EOS_TOKEN, max_length=max_length)
+        logger.warning(
+            "BPE: the corpus (%d distinct words) allows only %d merges; vocabulary has %d ids, not %d",
+            len(counts),
+            len(merges),
+            len(vocab),
+            vocab_size,
+        )
+    return CLIPTokenizer(
+        vocab,
+        merges,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        max_length=max_length,
+    )
 
 
-__all__ = ["MIN_VOCAB_SIZE", "build_vocab", "count_words", "learn_merges", "pre_tokenize", "train_bpe",
-           "word_symbols"]
+__all__ = ["MIN_VOCAB_SIZE", "build_vocab", "count_words", "learn_merges", "pre_tokenize", "train_bpe", "word_symbols"]

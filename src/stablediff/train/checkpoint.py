@@ -38,8 +38,14 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
-REQUIRED = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json",
-            "config.json")  # fmt: skip
+REQUIRED = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "rng.safetensors",
+    "state.json",
+    "config.json",
+)
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 # Test hook: seconds to sleep between the files of a checkpoint, so that a test can kill the
 # process while one is being written. Read only when set; never set it outside tests.
@@ -104,8 +110,10 @@ def _check_finite(step: int, groups: dict[str, dict[str, torch.Tensor]]) -> None
     for group, tensors in groups.items():
         for name, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"refusing to save the checkpoint of step {step}: {group} tensor {name!r} "
-                                     "has non-finite values (NaN or inf)")  # fmt: skip
+                raise NonFiniteError(
+                    f"refusing to save the checkpoint of step {step}: {group} tensor {name!r} "
+                    "has non-finite values (NaN or inf)"
+                )
 
 
 def _pause() -> None:
@@ -129,9 +137,18 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
-                    optimizer: dict, rng: dict[str, torch.Tensor], state: dict, config: TrainConfig,
-                    keep_last: int) -> Path:  # fmt: skip
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    optimizer: dict,
+    rng: dict[str, torch.Tensor],
+    state: dict,
+    config: TrainConfig,
+    keep_last: int,
+) -> Path:
     """Write the checkpoint of `step` (see the module docstring), then prune; returns its folder."""
     opt_tree, opt_tensors = flatten_state(optimizer, "")
     model = {k: v.detach().cpu() for k, v in model.items()}
@@ -256,8 +273,10 @@ def check_config(path: Path, config: TrainConfig) -> TrainConfig:
     """The config saved in checkpoint `path`; raises if training `config` from it would not be
     the same run (a field outside TrainConfig.RESUMABLE_CHANGES differs)."""
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was being written when "
-                              "its run stopped; resume from an earlier one")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {MARKER} marker): it was being written when "
+            "its run stopped; resume from an earlier one"
+        )
     try:
         saved = TrainConfig.from_json(json.dumps(_read_json(path / "config.json")))
     except (TypeError, ValueError) as err:
@@ -267,8 +286,10 @@ def check_config(path: Path, config: TrainConfig) -> TrainConfig:
     differences = config.differences(saved)
     if differences:
         listed = "\n  ".join(differences)
-        raise ValueError(f"checkpoint {path} belongs to a different training configuration "
-                         f"(checkpoint value != this run's):\n  {listed}")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {path} belongs to a different training configuration "
+            f"(checkpoint value != this run's):\n  {listed}"
+        )
     return saved
 
 
@@ -287,6 +308,12 @@ def load_checkpoint(path: Path, config: TrainConfig) -> Checkpoint:
     ema_path = path / "ema.safetensors"
     if config.ema_decay > 0 and not ema_path.is_file():
         raise CheckpointError(f"checkpoint {path} is damaged: ema.safetensors is missing")
-    return Checkpoint(path=path, config=saved, state=state, model=read_state_dict(path / "model.safetensors"),
-                      ema=read_state_dict(ema_path) if ema_path.is_file() else None, optimizer=optimizer,
-                      rng=read_state_dict(path / "rng.safetensors"))  # fmt: skip
+    return Checkpoint(
+        path=path,
+        config=saved,
+        state=state,
+        model=read_state_dict(path / "model.safetensors"),
+        ema=read_state_dict(ema_path) if ema_path.is_file() else None,
+        optimizer=optimizer,
+        rng=read_state_dict(path / "rng.safetensors"),
+    )

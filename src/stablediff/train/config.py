@@ -114,8 +114,17 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("lr", "weight_decay", "grad_clip", "kl_weight", "disc_weight", "min_snr_gamma", "recon_focus",
-                        "snr_floor", "grounding_weight")  # fmt: skip
+        non_negative = (
+            "lr",
+            "weight_decay",
+            "grad_clip",
+            "kl_weight",
+            "disc_weight",
+            "min_snr_gamma",
+            "recon_focus",
+            "snr_floor",
+            "grounding_weight",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -125,8 +134,9 @@ class TrainConfig:
         if self.init_temperature <= 0:
             raise ValueError(f"init_temperature must be > 0, got {self.init_temperature}")
         if self.stage == "tokenizer" and self.vocab_size < 514:
-            raise ValueError(f"vocab_size must be >= 514 (256 bytes, 256 word-final bytes, BOS, EOS), "
-                             f"got {self.vocab_size}")  # fmt: skip
+            raise ValueError(
+                f"vocab_size must be >= 514 (256 bytes, 256 word-final bytes, BOS, EOS), got {self.vocab_size}"
+            )
         if self.hard_negatives and self.stage != "text":
             raise ValueError(f"hard_negatives is for the text stage, not {self.stage!r}")
         if self.train_text_encoder and self.stage not in ("unet", "finetune"):
@@ -134,8 +144,9 @@ class TrainConfig:
         if self.grounding_weight and self.stage not in ("unet", "finetune"):
             raise ValueError(f"grounding_weight is for the unet and finetune stages, not {self.stage!r}")
         if self.grounding_weight and self.gradient_checkpointing:
-            raise ValueError("grounding_weight needs the attention maps of the forward pass: "
-                             "turn gradient_checkpointing off")  # fmt: skip
+            raise ValueError(
+                "grounding_weight needs the attention maps of the forward pass: turn gradient_checkpointing off"
+            )
         if self.min_snr_gamma and self.snr_floor > self.min_snr_gamma:
             raise ValueError(f"snr_floor={self.snr_floor} must not exceed min_snr_gamma={self.min_snr_gamma}")
         if self.high_noise_from < 0:
@@ -156,14 +167,26 @@ class TrainConfig:
         atomic_write_text(path, self.to_json() + "\n")
 
     # Fields that may differ between a run and its resumption without changing what is trained.
-    RESUMABLE_CHANGES = ("steps", "log_every", "sample_every", "eval_every", "save_every", "keep_last",
-                         "num_workers", "out", "nonfinite")  # fmt: skip
+    RESUMABLE_CHANGES = (
+        "steps",
+        "log_every",
+        "sample_every",
+        "eval_every",
+        "save_every",
+        "keep_last",
+        "num_workers",
+        "out",
+        "nonfinite",
+    )
 
     def differences(self, other: TrainConfig) -> list[str]:
         """Fields that differ from `other` and matter for resuming, as 'name: a != b'."""
         names = [f.name for f in fields(self) if f.name not in self.RESUMABLE_CHANGES]
-        return [f"{n}: {getattr(other, n)!r} != {getattr(self, n)!r}" for n in names
-                if getattr(self, n) != getattr(other, n)]  # fmt: skip
+        return [
+            f"{n}: {getattr(other, n)!r} != {getattr(self, n)!r}"
+            for n in names
+            if getattr(self, n) != getattr(other, n)
+        ]
 
 
 def _convert(name: str, kind, text: str):

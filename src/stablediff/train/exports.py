@@ -55,12 +55,14 @@ class Part:
 
 
 VAE_PART = Part("VAE", "vae.safetensors", "stablediff.vae_config", "vae", VAEConfig, AutoencoderKL)
-TEXT_PART = Part("text encoder", "text_encoder.safetensors", "stablediff.text_config", "text", CLIPTextConfig,
-                 CLIPTextModel)  # fmt: skip
+TEXT_PART = Part(
+    "text encoder", "text_encoder.safetensors", "stablediff.text_config", "text", CLIPTextConfig, CLIPTextModel
+)
 
 
-def write_part(part: Part, module: nn.Module, out_dir: str | Path, config: Any = None,
-               metadata: dict[str, str] | None = None) -> Path:  # fmt: skip
+def write_part(
+    part: Part, module: nn.Module, out_dir: str | Path, config: Any = None, metadata: dict[str, str] | None = None
+) -> Path:
     """Write `module`'s weights (float32) as `out_dir/part.file`, with `config` (default: the
     module's own) and `metadata` in the file's metadata; returns the file."""
     out = Path(out_dir) / part.file
@@ -80,8 +82,9 @@ def read_part(part: Part, path: str | Path, device: torch.device | str = "cpu") 
         raise FileNotFoundError(f"no trained {part.label} at {path}")
     meta = read_metadata(path)
     if part.config_key not in meta:
-        raise ValueError(f"{path} has no {part.config_key!r} metadata: not a {part.label} written by the "
-                         f"{part.stage} stage")  # fmt: skip
+        raise ValueError(
+            f"{path} has no {part.config_key!r} metadata: not a {part.label} written by the {part.stage} stage"
+        )
     with torch.device("meta"):
         module = part.module_class(part.config_class.from_dict(json.loads(meta[part.config_key])))
     load_strict(module, read_state_dict(path), f"{part.label} {path}", device=device)
@@ -167,10 +170,14 @@ def frozen_parts(config: TrainConfig, device: torch.device) -> FrozenParts:
     if config.tokenizer:
         tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.vocab_size > text.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the text encoder only "
-                         f"{text.config.vocab_size} embeddings")  # fmt: skip
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the text encoder only "
+            f"{text.config.vocab_size} embeddings"
+        )
     if tokenizer.max_length > text.config.max_positions:
-        raise ValueError(f"the tokenizer makes {tokenizer.max_length} tokens but the text encoder has "
-                         f"{text.config.max_positions} positions")  # fmt: skip
+        raise ValueError(
+            f"the tokenizer makes {tokenizer.max_length} tokens but the text encoder has "
+            f"{text.config.max_positions} positions"
+        )
     vae, text = (freeze(m.to(device=device, dtype=torch.float32)) for m in (vae, text))
     return FrozenParts(vae, text, tokenizer, base)

@@ -30,8 +30,9 @@ def item_regions(item: Sequence) -> list | None:
     return item[2] if len(item) > 2 and isinstance(item[2], list) else None
 
 
-def token_boxes(tokenizer: CLIPTokenizer, caption: str,
-                regions: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def token_boxes(
+    tokenizer: CLIPTokenizer, caption: str, regions: Sequence[Sequence[float]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(boxes [L, 4] float32, grounded [L] bool) over the ``tokenizer(caption)`` positions (L its
     ``max_length``): the box of each token inside a region's characters. A region must start and
     end on word boundaries; tokens cut off by the length limit are not grounded."""
@@ -50,8 +51,8 @@ def token_boxes(tokenizer: CLIPTokenizer, caption: str,
         if ids[:last] != upto or last == first:
             raise ValueError(f"region [{start}, {end}) of {caption!r} does not fall on word boundaries")
         positions = range(1 + first, min(1 + last, length - 1))  # after BOS, before the final EOS slot
-        boxes[positions.start:positions.stop] = torch.tensor(box, dtype=torch.float32)
-        grounded[positions.start:positions.stop] = True
+        boxes[positions.start : positions.stop] = torch.tensor(box, dtype=torch.float32)
+        grounded[positions.start : positions.stop] = True
     return boxes, grounded
 
 
@@ -85,8 +86,9 @@ def cross_attention_maps(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             layer.maps = None
 
 
-def grounding_loss(maps: Sequence[torch.Tensor], boxes: torch.Tensor, grounded: torch.Tensor,
-                   latent_size: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+def grounding_loss(
+    maps: Sequence[torch.Tensor], boxes: torch.Tensor, grounded: torch.Tensor, latent_size: tuple[int, int]
+) -> torch.Tensor:
     """Per-sample token loss [B]: mean over maps and grounded tokens of (1 - share of the token's
     attention inside its box)^2; 0 for a sample without grounded tokens. ``maps``: [B, h*w, L]
     from ``cross_attention_maps``, each map a downsampling of the ``latent_size`` (H, W) grid."""

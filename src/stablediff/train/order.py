@@ -43,8 +43,9 @@ class RankBatches:
     """An endless iterable of this process's share of each global batch, from `start` on:
     lists of ``(epoch, index)`` for :class:`EpochItems`. Used as a DataLoader's batch_sampler."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start: Position = Position()):  # fmt: skip
+    def __init__(
+        self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: Position = Position()
+    ):
         if size < 1:
             raise ValueError("the training data set is empty")
         if not 0 <= rank < world_size:

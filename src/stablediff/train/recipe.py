@@ -71,8 +71,10 @@ def read_recipe(name_or_path: str | Path, _chain: tuple[str, ...] = ()) -> tuple
     unknown = set(recipe) - {*OTHER_TABLES, *FIRST_STAGES, *phases(recipe)}
     if unknown:
         allowed = ", ".join((*OTHER_TABLES[1:], *FIRST_STAGES))
-        raise ValueError(f"recipe has unknown tables {sorted(unknown)}; allowed: {allowed}, and U-Net phases "
-                         "(tables that set `continues`)")  # fmt: skip
+        raise ValueError(
+            f"recipe has unknown tables {sorted(unknown)}; allowed: {allowed}, and U-Net phases "
+            "(tables that set `continues`)"
+        )
     return recipe, text
 
 
@@ -97,8 +99,10 @@ def phases(recipe: dict) -> list[str]:
         if not isinstance(table, dict) or "continues" not in table or name in (*OTHER_TABLES, *FIRST_STAGES):
             continue
         if table["continues"] not in ("unet", *found):
-            raise ValueError(f"recipe phase [{name}] continues {table['continues']!r}, which is not 'unet' or a "
-                             f"phase before it ({found})")  # fmt: skip
+            raise ValueError(
+                f"recipe phase [{name}] continues {table['continues']!r}, which is not 'unet' or a "
+                f"phase before it ({found})"
+            )
         cache = table.get("cache")
         if cache is not None and not isinstance(recipe.get("latents", {}).get(cache), dict):
             raise ValueError(f"recipe phase [{name}] trains on cache {cache!r}, but [latents] has no [latents.{cache}]")
@@ -130,8 +134,9 @@ def stage_config(recipe: dict, stage: str, out: Path) -> TrainConfig:
     return TrainConfig(stage=PHASE_STAGE if "continues" in extra else stage, out=str(out / stage), **fields)
 
 
-def run_recipe(name_or_path: str | Path, out_dir: str | Path, progress_factory: Callable[[str], Progress] | None = None
-               ) -> dict:  # fmt: skip
+def run_recipe(
+    name_or_path: str | Path, out_dir: str | Path, progress_factory: Callable[[str], Progress] | None = None
+) -> dict:
     """Train every stage of the recipe into `out_dir`; returns {stage: {"export", "seconds", "config"}}."""
     recipe, _ = read_recipe(name_or_path)
     out = Path(out_dir)
@@ -177,8 +182,13 @@ def _latent_cache(recipe: dict, out: Path, name: str | None = None) -> Path:
     config.shapes_size = int(latents["scenes"])
     images, _ = image_text_data(config, regions=True)  # stored for a U-Net phase with a grounding loss
     if name is not None:
-        more = ShapesPairs(int(extra["extra_scenes"]), int(extra["seed"]), config.resolution, regions=True,
-                           n_objects=int(extra["objects"]))  # fmt: skip
+        more = ShapesPairs(
+            int(extra["extra_scenes"]),
+            int(extra["seed"]),
+            config.resolution,
+            regions=True,
+            n_objects=int(extra["objects"]),
+        )
         images = ConcatDataset([images, more])
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer would run too
@@ -218,14 +228,21 @@ def _existing_export(run: Path) -> Path | None:
     return files[0] if files else None
 
 
-def package_model(model_path: str | Path, target: str | Path, recipe_text: str, stages: dict,
-                  evaluation: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:  # fmt: skip
+def package_model(
+    model_path: str | Path,
+    target: str | Path,
+    recipe_text: str,
+    stages: dict,
+    evaluation: dict | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
     """Write the trained model as one `dtype` safetensors file with its provenance in metadata."""
     pipe = load_pipeline(model_path)
     meta = {
         "stablediff.recipe": recipe_text,
-        "stablediff.stages": json.dumps({k: {"config": v["config"], "seconds": round(v["seconds"], 1)}
-                                         for k, v in stages.items()}),  # fmt: skip
+        "stablediff.stages": json.dumps(
+            {k: {"config": v["config"], "seconds": round(v["seconds"], 1)} for k, v in stages.items()}
+        ),
         "stablediff.data_seed": str(stages["unet"]["config"]["seed"]),
         "stablediff.steps": json.dumps({k: v["config"]["steps"] for k, v in stages.items() if k != "tokenizer"}),
     }
@@ -234,18 +251,25 @@ def package_model(model_path: str | Path, target: str | Path, recipe_text: str, 
     return save(pipe, target, dtype=dtype, overwrite=True, metadata=meta)
 
 
-def evaluate_model(model_path: str | Path, settings: dict, report_dir: str | Path,
-                   progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+def evaluate_model(
+    model_path: str | Path, settings: dict, report_dir: str | Path, progress: Callable[[int, int], None] | None = None
+) -> dict:
     """Run the shapes prompt suites on a model (settings: the recipe's [eval] table) and write the
     report; returns the summary stored with the model (no per-prompt records)."""
     pipe = load_pipeline(model_path)
     size = pipe.spec.default_size
 
     def generate(prompt: str, seed: int):
-        params = GenerationParams(prompt, width=size, height=size, steps=settings.get("steps", 20),
-                                  sampler=settings.get("sampler", "dpmpp_2m"),
-                                  schedule=settings.get("schedule", "karras"),
-                                  guidance_scale=settings.get("guidance_scale", 7.5), seed=seed)  # fmt: skip
+        params = GenerationParams(
+            prompt,
+            width=size,
+            height=size,
+            steps=settings.get("steps", 20),
+            sampler=settings.get("sampler", "dpmpp_2m"),
+            schedule=settings.get("schedule", "karras"),
+            guidance_scale=settings.get("guidance_scale", 7.5),
+            seed=seed,
+        )
         return pipe.generate(params)[0]
 
     result = evaluate(generate, n=settings.get("n", 200), progress=progress)
@@ -254,8 +278,12 @@ def evaluate_model(model_path: str | Path, settings: dict, report_dir: str | Pat
     return {k: v for k, v in result.items() if k != "records"}
 
 
-def build_bundled_model(name_or_path: str | Path, out_dir: str | Path, target: str | Path,
-                        progress_factory: Callable[[str], Progress] | None = None) -> Path:  # fmt: skip
+def build_bundled_model(
+    name_or_path: str | Path,
+    out_dir: str | Path,
+    target: str | Path,
+    progress_factory: Callable[[str], Progress] | None = None,
+) -> Path:
     """The whole recipe: train every stage, write the half-precision model, evaluate exactly those
     weights, and write `target` with the evaluation in its metadata."""
     out = Path(out_dir)
@@ -265,8 +293,13 @@ def build_bundled_model(name_or_path: str | Path, out_dir: str | Path, target: s
     return evaluate_packaged(shipped, name_or_path, target, out / "eval")
 
 
-def evaluate_packaged(model_path: str | Path, recipe: str | Path, target: str | Path, report_dir: str | Path,
-                      progress: Callable[[int, int], None] | None = None) -> Path:  # fmt: skip
+def evaluate_packaged(
+    model_path: str | Path,
+    recipe: str | Path,
+    target: str | Path,
+    report_dir: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Evaluate a model written by `package_model` with `recipe`'s [eval] settings and write it to
     `target` with the evaluation added to its metadata (the weights are unchanged). Also for a model
     trained on another machine (a GPU) and evaluated here."""

@@ -55,8 +55,9 @@ def _make_stage(stage: StageLike, config: TrainConfig, device: torch.device) -> 
     if stage is None or isinstance(stage, str):
         stage = get_stage(stage or config.stage)
         if not issubclass(stage, Stage):
-            raise ValueError(f"stage {stage.name!r} is not trained by gradient steps: use {stage.__name__}(config)"
-                             ".fit(out_dir)")  # fmt: skip
+            raise ValueError(
+                f"stage {stage.name!r} is not trained by gradient steps: use {stage.__name__}(config).fit(out_dir)"
+            )
     built = stage(config, device)
     if not isinstance(built, Stage):
         raise TypeError(f"the stage factory returned a {type(built).__name__}, not a Stage")
@@ -79,8 +80,15 @@ def _rng_states(env: dist_env.DistEnv) -> dict[str, torch.Tensor]:
 class _Run:
     """One call of `train`: the state of the loop and the pieces it drives."""
 
-    def __init__(self, stage: StageLike, config: TrainConfig, resume: str | None, progress: Progress | None,
-                 env: dist_env.DistEnv, until: int | None):  # fmt: skip
+    def __init__(
+        self,
+        stage: StageLike,
+        config: TrainConfig,
+        resume: str | None,
+        progress: Progress | None,
+        env: dist_env.DistEnv,
+        until: int | None,
+    ):
         if not config.out:
             raise ValueError("config.out (the run folder, --out) is required")
         self.config, self.env, self.progress = config, env, progress
@@ -125,8 +133,10 @@ class _Run:
             return path
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
-            raise ValueError(f"run folder {self.run_dir} already has checkpoints (latest: {latest.name}); "
-                             "resume it (resume='latest', --resume) or choose another --out")  # fmt: skip
+            raise ValueError(
+                f"run folder {self.run_dir} already has checkpoints (latest: {latest.name}); "
+                "resume it (resume='latest', --resume) or choose another --out"
+            )
         return None
 
     def _restore(self, saved: ckpt.Checkpoint) -> None:
@@ -135,20 +145,27 @@ class _Run:
         if self.ema is not None:
             if saved.ema is None:
                 raise ckpt.CheckpointError(f"checkpoint {saved.path} has no EMA weights")
-            self.ema.load_state_dict({k: v.to(env.device) for k, v in saved.ema.items()},
-                                     int(saved.state.get("ema_updates", 0)))  # fmt: skip
+            self.ema.load_state_dict(
+                {k: v.to(env.device) for k, v in saved.ema.items()}, int(saved.state.get("ema_updates", 0))
+            )
         self.optimizer.load_state_dict(saved.optimizer)
         self.schedule.load_state_dict(saved.state["lr_schedule"])
         self.step, self.skipped = saved.step, int(saved.state.get("skipped_steps", 0))
         size = len(self.dataset)
         position = saved.state["position"]
         if saved.state.get("dataset_size") != size:
-            logger.warning("the data set has %d examples, the checkpoint was made with %s: the data order changes",
-                           size, saved.state.get("dataset_size"))  # fmt: skip
+            logger.warning(
+                "the data set has %d examples, the checkpoint was made with %s: the data order changes",
+                size,
+                saved.state.get("dataset_size"),
+            )
         self.position = Position(int(position["epoch"]), int(position["offset"]) % size)
         if saved.state.get("world_size") != env.world_size:
-            logger.warning("resuming a %s-process run with %d processes: the global batch changes",
-                           saved.state.get("world_size"), env.world_size)  # fmt: skip
+            logger.warning(
+                "resuming a %s-process run with %d processes: the global batch changes",
+                saved.state.get("world_size"),
+                env.world_size,
+            )
         cpu = saved.rng.get(f"cpu.rank{env.rank}")
         if cpu is None:
             torch.manual_seed(_seed(self.config.seed, "torch", env.rank, self.step))
@@ -163,8 +180,9 @@ class _Run:
     def _batches(self):
         c, env = self.config, self.env
         sampler = RankBatches(len(self.dataset), c.batch_size, c.seed, env.rank, env.world_size, self.position)
-        loader = torch.utils.data.DataLoader(EpochItems(self.dataset), batch_sampler=sampler,
-                                             collate_fn=self.stage.collate, num_workers=c.num_workers)  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            EpochItems(self.dataset), batch_sampler=sampler, collate_fn=self.stage.collate, num_workers=c.num_workers
+        )
         return iter(loader)
 
     def _autocast(self):
@@ -210,12 +228,18 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             if c.nonfinite == "stop":
                 # Steps are numbered as in metrics and checkpoints: step n is the n-th (from 1).
-                raise NonFiniteError(f"non-finite loss or gradient at step {self.step + 1} (loss {loss_value}, "
-                                     f"grad norm {grad_norm}); nothing of this step was saved. Lower lr, "
-                                     "enable grad_clip, or pass nonfinite=skip")  # fmt: skip
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at step {self.step + 1} (loss {loss_value}, "
+                    f"grad norm {grad_norm}); nothing of this step was saved. Lower lr, "
+                    "enable grad_clip, or pass nonfinite=skip"
+                )
             self.skipped += 1
-            logger.warning("step %d: non-finite loss or gradient (loss %s): optimizer step skipped (%d so far)",
-                           self.step + 1, loss_value, self.skipped)  # fmt: skip
+            logger.warning(
+                "step %d: non-finite loss or gradient (loss %s): optimizer step skipped (%d so far)",
+                self.step + 1,
+                loss_value,
+                self.skipped,
+            )
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -223,8 +247,14 @@ class _Run:
                 self.ema.update(self.module)
         self.step += 1
         metrics = {k: float(v) for k, v in stage_metrics.items()}  # the last micro-batch's, this rank's
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped,
-                "skipped": bad, **metrics}  # fmt: skip
+        return {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped_steps": self.skipped,
+            "skipped": bad,
+            **metrics,
+        }
 
     # -----------------------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
@@ -247,14 +277,25 @@ class _Run:
         path = None
         if self.env.is_main:
             c = self.config
-            state = {"position": {"epoch": self.position.epoch, "offset": self.position.offset},
-                     "lr_schedule": self.schedule.state_dict(), "skipped_steps": self.skipped,
-                     "ema_updates": self.ema.updates if self.ema else 0, "dataset_size": len(self.dataset),
-                     "world_size": self.env.world_size}  # fmt: skip
-            path = ckpt.save_checkpoint(self.run_dir, self.step, model=self.module.state_dict(),
-                                        ema=self.ema.state_dict() if self.ema else None,
-                                        optimizer=self.optimizer.state_dict(), rng=rng, state=state, config=c,
-                                        keep_last=c.keep_last)  # fmt: skip
+            state = {
+                "position": {"epoch": self.position.epoch, "offset": self.position.offset},
+                "lr_schedule": self.schedule.state_dict(),
+                "skipped_steps": self.skipped,
+                "ema_updates": self.ema.updates if self.ema else 0,
+                "dataset_size": len(self.dataset),
+                "world_size": self.env.world_size,
+            }
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                self.step,
+                model=self.module.state_dict(),
+                ema=self.ema.state_dict() if self.ema else None,
+                optimizer=self.optimizer.state_dict(),
+                rng=rng,
+                state=state,
+                config=c,
+                keep_last=c.keep_last,
+            )
             self.log.plot()
         dist_env.barrier(self.env)
         return path
@@ -288,8 +329,9 @@ class _Run:
             if env.is_main and self.progress is not None:
                 self.progress(step, c.steps, record)
             if step % c.log_every == 0 or step == self.end:
-                self.log.log({"step": step, **record, "images_per_s": images_per_step * timed_steps / busy,
-                              "time": time.time()})  # fmt: skip
+                self.log.log(
+                    {"step": step, **record, "images_per_s": images_per_step * timed_steps / busy, "time": time.time()}
+                )
                 busy, timed_steps = 0.0, 0
             if step == self.end:
                 break
@@ -316,8 +358,15 @@ class _Run:
         return Path(dist_env.broadcast_text(env, exported))
 
 
-def train(stage: StageLike, config: TrainConfig, resume: str | None = None, progress: Progress | None = None, *,
-          device: torch.device | str | None = None, until: int | None = None) -> Path:  # fmt: skip
+def train(
+    stage: StageLike,
+    config: TrainConfig,
+    resume: str | None = None,
+    progress: Progress | None = None,
+    *,
+    device: torch.device | str | None = None,
+    until: int | None = None,
+) -> Path:
     """Train `stage` as `config` says; returns the path the stage exported (RUN/export/...).
 
     stage: a Stage, a factory ``(config, device) -> Stage`` (a Stage subclass is one), a stage

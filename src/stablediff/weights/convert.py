@@ -25,14 +25,24 @@ EMA_PREFIX = "model_ema."
 # Keys of a single-file checkpoint that are not weights of the three networks: schedule buffers,
 # the training-time VAE loss, OpenCLIP's projection heads and bookkeeping.
 SINGLE_FILE_IGNORED_PREFIXES = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus", "posterior_",
-    "logvar", "model_ema.", "first_stage_model.loss.", "cond_stage_model.model.text_projection",
-    "cond_stage_model.model.logit_scale", "cond_stage_model.model.visual.", "lvlb_weights",
-)  # fmt: skip
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_",
+    "log_one_minus",
+    "posterior_",
+    "logvar",
+    "model_ema.",
+    "first_stage_model.loss.",
+    "cond_stage_model.model.text_projection",
+    "cond_stage_model.model.logit_scale",
+    "cond_stage_model.model.visual.",
+    "lvlb_weights",
+)
 
 
 def _take_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def split_single_file(sd: dict[str, torch.Tensor], use_ema: bool = True) -> dict:
@@ -58,8 +68,14 @@ def split_single_file(sd: dict[str, torch.Tensor], use_ema: bool = True) -> dict
         text.pop("embeddings.position_ids", None)
     known = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", *SINGLE_FILE_IGNORED_PREFIXES)
     unknown = [k for k in sd if not k.startswith(known)]
-    return {"unet": unet, "vae": vae, "text": text, "text_format": text_format,
-            "ema_used": ema_used, "unknown": unknown}  # fmt: skip
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text": text,
+        "text_format": text_format,
+        "ema_used": ema_used,
+        "unknown": unknown,
+    }
 
 
 def extract_ema(sd: dict[str, torch.Tensor], unet_keys: Iterable[str]) -> dict[str, torch.Tensor] | None:
@@ -141,13 +157,24 @@ def _rename(key: str, table: list[tuple[str, str]]) -> str:
 # diffusers / transformers layout.
 
 # Suffixes inside one block, ours -> diffusers.
-_UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}  # fmt: skip
+_UNET_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 _VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 # Names of diffusers' VAE attention before 0.14, still found in older folders.
-_VAE_ATTENTION_LEGACY = {"group_norm": "group_norm", "query": "to_q", "key": "to_k", "value": "to_v",
-                         "proj_attn": "to_out.0"}  # fmt: skip
+_VAE_ATTENTION_LEGACY = {
+    "group_norm": "group_norm",
+    "query": "to_q",
+    "key": "to_k",
+    "value": "to_v",
+    "proj_attn": "to_out.0",
+}
 
 
 def unet_block_pairs(channel_mult: tuple[int, ...], num_res_blocks: int, attention_levels: Iterable[int]):
@@ -155,11 +182,16 @@ def unet_block_pairs(channel_mult: tuple[int, ...], num_res_blocks: int, attenti
     order UNetModel's constructor creates them."""
     attention_levels = set(attention_levels)
     levels = len(channel_mult)
-    pairs = [("time_embed.0", "time_embedding.linear_1", {}), ("time_embed.2", "time_embedding.linear_2", {}),
-             ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}), ("out.2", "conv_out", {}),
-             ("middle_block.0", "mid_block.resnets.0", _UNET_RESNET),
-             ("middle_block.1", "mid_block.attentions.0", {}),
-             ("middle_block.2", "mid_block.resnets.1", _UNET_RESNET)]  # fmt: skip
+    pairs = [
+        ("time_embed.0", "time_embedding.linear_1", {}),
+        ("time_embed.2", "time_embedding.linear_2", {}),
+        ("input_blocks.0.0", "conv_in", {}),
+        ("out.0", "conv_norm_out", {}),
+        ("out.2", "conv_out", {}),
+        ("middle_block.0", "mid_block.resnets.0", _UNET_RESNET),
+        ("middle_block.1", "mid_block.attentions.0", {}),
+        ("middle_block.2", "mid_block.resnets.1", _UNET_RESNET),
+    ]
     n = 1
     for level in range(levels):
         for j in range(num_res_blocks):
@@ -178,8 +210,9 @@ def unet_block_pairs(channel_mult: tuple[int, ...], num_res_blocks: int, attenti
             if has_attention:
                 pairs.append((f"output_blocks.{n}.1", f"up_blocks.{up}.attentions.{i}", {}))
             if level and i == num_res_blocks:
-                pairs.append((f"output_blocks.{n}.{2 if has_attention else 1}.conv",
-                              f"up_blocks.{up}.upsamplers.0.conv", {}))  # fmt: skip
+                pairs.append(
+                    (f"output_blocks.{n}.{2 if has_attention else 1}.conv", f"up_blocks.{up}.upsamplers.0.conv", {})
+                )
             n += 1
     return pairs
 
@@ -188,11 +221,14 @@ def vae_block_pairs(levels: int, num_res_blocks: int):
     """(our module path, diffusers module path, suffix table) for every VAE module."""
     pairs = [("quant_conv", "quant_conv", {}), ("post_quant_conv", "post_quant_conv", {})]
     for part in ("encoder", "decoder"):
-        pairs += [(f"{part}.conv_in", f"{part}.conv_in", {}), (f"{part}.conv_out", f"{part}.conv_out", {}),
-                  (f"{part}.norm_out", f"{part}.conv_norm_out", {}),
-                  (f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET),
-                  (f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", _VAE_ATTENTION),
-                  (f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET)]  # fmt: skip
+        pairs += [
+            (f"{part}.conv_in", f"{part}.conv_in", {}),
+            (f"{part}.conv_out", f"{part}.conv_out", {}),
+            (f"{part}.norm_out", f"{part}.conv_norm_out", {}),
+            (f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET),
+            (f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", _VAE_ATTENTION),
+            (f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET),
+        ]
     for i in range(levels):
         for j in range(num_res_blocks):
             pairs.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET))
@@ -220,7 +256,7 @@ def _rename_by_pairs(sd: dict, pairs: list[tuple[str, str, dict]]) -> dict:
                 rest = ".".join(parts[cut:])
                 for old, new in table.items():
                     if rest == old or rest.startswith(old + "."):
-                        rest = new + rest[len(old):]
+                        rest = new + rest[len(old) :]
                         break
                 key = f"{dst}.{rest}"
                 break
@@ -264,8 +300,11 @@ TEXT_IGNORED = ("text_model.embeddings.position_ids", "text_projection.", "logit
 
 
 def text_transformers_to_ours(sd: dict) -> dict:
-    return {k[len(TEXT_PREFIX):] if k.startswith(TEXT_PREFIX) else k: v
-            for k, v in sd.items() if not k.startswith(TEXT_IGNORED)}  # fmt: skip
+    return {
+        k[len(TEXT_PREFIX) :] if k.startswith(TEXT_PREFIX) else k: v
+        for k, v in sd.items()
+        if not k.startswith(TEXT_IGNORED)
+    }
 
 
 def text_ours_to_transformers(sd: dict) -> dict:

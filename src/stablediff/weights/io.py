@@ -47,14 +47,28 @@ _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON hea
 _ST_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr)
     for name, attr in {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-        "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
-        "I64": "int64", "U64": "uint64", "F64": "float64", "C64": "complex64",
-        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "I16": "int16",
+        "U16": "uint16",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I32": "int32",
+        "U32": "uint32",
+        "F32": "float32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F64": "float64",
+        "C64": "complex64",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E4M3FNUZ": "float8_e4m3fnuz",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz",
+        "F8_E8M0": "float8_e8m0fnu",
     }.items()
     if hasattr(torch, attr)
-}  # fmt: skip
+}
 
 
 class CheckpointError(ValueError):
@@ -205,9 +219,7 @@ def _safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
 def _state_dict_from_object(obj: object, path: str) -> dict[str, torch.Tensor]:
     """Unwrap ``{"state_dict": {...}, ...}`` and keep only ``str -> Tensor`` entries."""
     if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"{path}: top-level object is a {type(obj).__name__}, expected a dict of tensors"
-        )
+        raise CheckpointError(f"{path}: top-level object is a {type(obj).__name__}, expected a dict of tensors")
     inner = obj.get("state_dict")
     if isinstance(inner, dict):
         obj = inner

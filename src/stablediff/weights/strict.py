@@ -24,9 +24,7 @@ def check_state_dict(
     that format's converter in convert.py, explicitly; anything else is an error here."""
     for key, ref in expected.items():
         if key not in given:
-            raise WeightMismatchError(
-                f"{what}: key {key!r} (shape {tuple(ref.shape)}) is missing from the checkpoint"
-            )
+            raise WeightMismatchError(f"{what}: key {key!r} (shape {tuple(ref.shape)}) is missing from the checkpoint")
         if tuple(given[key].shape) != tuple(ref.shape):
             raise WeightMismatchError(
                 f"{what}: key {key!r} has shape {tuple(given[key].shape)} in the checkpoint "

@@ -59,9 +59,7 @@ class RefusedCheckpoint(Exception):
 # Tables built from torch's public namespace once, so find_class never calls getattr on a module
 # (torch's module __getattr__ imports submodules lazily).
 _DTYPES: dict[str, torch.dtype] = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
-_LAYOUTS: dict[str, torch.layout] = {
-    f"torch.{n}": v for n, v in vars(torch).items() if isinstance(v, torch.layout)
-}
+_LAYOUTS: dict[str, torch.layout] = {f"torch.{n}": v for n, v in vars(torch).items() if isinstance(v, torch.layout)}
 # Legacy typed-storage class names -> element dtype. UntypedStorage counts bytes.
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "DoubleStorage": torch.float64,
@@ -157,9 +155,7 @@ class _Storage:
     def view(self, dtype: torch.dtype, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
         item = dtype.itemsize
         if self.nbytes % item:
-            raise RefusedCheckpoint(
-                f"storage {self.key!r} has {self.nbytes} bytes, not a whole number of {dtype}"
-            )
+            raise RefusedCheckpoint(f"storage {self.key!r} has {self.nbytes} bytes, not a whole number of {dtype}")
         numel = self.nbytes // item
         if 0 in size:
             return torch.empty(size, dtype=dtype)
@@ -182,9 +178,7 @@ def _ints(value: object, what: str) -> tuple[int, ...]:
 
 def _rebuild(storage: object, offset: object, size: object, stride: object, dtype: object = None):
     if not isinstance(storage, _Storage):
-        raise RefusedCheckpoint(
-            f"a tensor is rebuilt from {type(storage).__name__}, not from a saved storage"
-        )
+        raise RefusedCheckpoint(f"a tensor is rebuilt from {type(storage).__name__}, not from a saved storage")
     dtype = storage.dtype if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or type(offset) is not int or offset < 0:
         raise RefusedCheckpoint(f"bad tensor dtype {dtype!r:.40} or storage offset {offset!r:.40}")
@@ -281,9 +275,7 @@ _TENSOR_BUILDERS = {
 _TENSOR_TYPES = ("torch.Tensor", "torch._tensor.Tensor", "torch.nn.parameter.Parameter", "torch.nn.Parameter")
 _HANDLERS: dict[str, _Marker] = {
     **{name: _Handler(name, fn) for name, fn in _TENSOR_BUILDERS.items()},
-    "torch._tensor._rebuild_from_type_v2": _Handler(
-        "torch._tensor._rebuild_from_type_v2", _rebuild_from_type
-    ),
+    "torch._tensor._rebuild_from_type_v2": _Handler("torch._tensor._rebuild_from_type_v2", _rebuild_from_type),
     "torch._tensor._rebuild_from_type": _Handler("torch._tensor._rebuild_from_type", _rebuild_from_type),
     **{name: _Marker(name) for name in _TENSOR_TYPES},
     "torch.device": _Handler("torch.device", _device),
@@ -362,9 +354,7 @@ def _read_exact(f: IO[bytes], storage: _Storage) -> None:
     while pos < storage.nbytes:
         got = f.readinto(view[pos : pos + _CHUNK])
         if not got:
-            raise RefusedCheckpoint(
-                f"storage {storage.key!r} is truncated: expected {storage.nbytes} bytes, got {pos}"
-            )
+            raise RefusedCheckpoint(f"storage {storage.key!r} is truncated: expected {storage.nbytes} bytes, got {pos}")
         pos += got
     storage.filled = True
 
@@ -434,9 +424,7 @@ def load_legacy_pickle(path: str) -> object:
     with open(path, "rb") as f:
         magic = RestrictedUnpickler(f).load()
         if type(magic) is not int or magic != _LEGACY_MAGIC:
-            raise RefusedCheckpoint(
-                "this is a plain pickle, not a torch.save checkpoint (no torch magic number)"
-            )
+            raise RefusedCheckpoint("this is a plain pickle, not a torch.save checkpoint (no torch magic number)")
         protocol = RestrictedUnpickler(f).load()
         if type(protocol) is not int or protocol != _LEGACY_PROTOCOL:
             raise RefusedCheckpoint(f"unsupported legacy torch protocol {protocol!r:.40}")
@@ -450,9 +438,7 @@ def load_legacy_pickle(path: str) -> object:
         def load_storage(pid: tuple) -> _Storage:
             nonlocal total
             if pid and pid[0] == "module":
-                raise RefusedCheckpoint(
-                    "the file pickles a whole nn.Module with its source; only state dicts load"
-                )
+                raise RefusedCheckpoint("the file pickles a whole nn.Module with its source; only state dicts load")
             dtype, key, nbytes = _storage_spec(pid, 6)
             if key not in storages:
                 total += nbytes

@@ -18,6 +18,13 @@ from stablediff.train.data.stage_data import (
 )
 
 __all__ = [
-    "CaptionDropout", "CaptionedFolder", "LatentCacheDataset", "ShapesPairs", "caption_corpus", "captions_of",
-    "encode_latent_cache", "image_text_data", "unet_data",
+    "CaptionDropout",
+    "CaptionedFolder",
+    "LatentCacheDataset",
+    "ShapesPairs",
+    "caption_corpus",
+    "captions_of",
+    "encode_latent_cache",
+    "image_text_data",
+    "unet_data",
 ]

@@ -96,9 +96,18 @@ class CaptionedFolder:
     worker processes are logged there but not added to the main process's ``skipped``.)
     """
 
-    def __init__(self, root: str | os.PathLike[str], size: int = 64, crop: str = "center", flip: bool = False,
-                 caption_dropout: float = 0.0, strict: bool = False, seed: int = 0, verify: str = "full",
-                 min_side: int = 8):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        size: int = 64,
+        crop: str = "center",
+        flip: bool = False,
+        caption_dropout: float = 0.0,
+        strict: bool = False,
+        seed: int = 0,
+        verify: str = "full",
+        min_side: int = 8,
+    ):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if crop not in CROPS:
@@ -126,8 +135,10 @@ class CaptionedFolder:
             else:
                 self._skip(path, reason)
         if not self.items:
-            raise ValueError(f"data folder {self.root} has no usable captioned images "
-                             f"({len(self.skipped)} skipped; see the log or .skipped)")
+            raise ValueError(
+                f"data folder {self.root} has no usable captioned images "
+                f"({len(self.skipped)} skipped; see the log or .skipped)"
+            )
 
     def _skip(self, path: Path, reason: str) -> None:
         if self.strict:

@@ -43,9 +43,14 @@ def _image_tensor(item: Any, index: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | os.PathLike[str],
-                        batch_size: int = 16, device: str | torch.device = "cpu",
-                        progress: Callable[[int, int], None] | None = None) -> Path:
+def encode_latent_cache(
+    dataset: Sequence[Any],
+    vae: nn.Module,
+    out_path: str | os.PathLike[str],
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Encode every item of ``dataset`` (``ds[i] -> (image, caption, ...)``, image ``[3, H, W]`` in
     [-1, 1] or a PIL image, all of one size) with ``vae`` and write the cache to ``out_path``;
     grounding regions (a list as third element, ``item_regions``), when item 0 has them, are
@@ -79,8 +84,10 @@ def encode_latent_cache(dataset: Sequence[Any], vae: nn.Module, out_path: str | 
                 if image_size is None:
                     image_size = tuple(image.shape[1:])
                 if tuple(image.shape[1:]) != image_size:
-                    raise ValueError(f"item {start + k} is {list(image.shape[1:])}, expected {list(image_size)} "
-                                     "like item 0: a cache holds one image size")
+                    raise ValueError(
+                        f"item {start + k} is {list(image.shape[1:])}, expected {list(image_size)} "
+                        "like item 0: a cache holds one image size"
+                    )
             posterior = vae.encode(torch.stack(images).to(device=device, dtype=dtype))
             means.append(posterior.mean.float().cpu())
             stds.append(posterior.std.float().cpu())
@@ -117,8 +124,14 @@ class LatentCacheDataset:
     from the same seed. ``set_epoch`` gives fresh draws for a new epoch.
     """
 
-    def __init__(self, path: str | os.PathLike[str], caption_dropout: float = 0.0, seed: int = 0,
-                 sample: bool = True, regions: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        sample: bool = True,
+        regions: bool = False,
+    ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
         self.path = Path(path)
@@ -126,23 +139,29 @@ class LatentCacheDataset:
             raise ValueError(f"latent cache {self.path} does not exist")
         self.metadata = read_metadata(self.path)
         if self.metadata.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{self.path} is not a latent cache (format {self.metadata.get('format')!r}, "
-                             f"expected {CACHE_FORMAT!r})")
+            raise ValueError(
+                f"{self.path} is not a latent cache (format {self.metadata.get('format')!r}, expected {CACHE_FORMAT!r})"
+            )
         tensors = read_state_dict(self.path)
         self.mean, self.std = tensors["mean"], tensors["std"]
         self.captions: list[str] = json.loads(self.metadata["captions"])
         if self.mean.shape != self.std.shape or len(self.captions) != self.mean.shape[0]:
-            raise ValueError(f"latent cache {self.path} is inconsistent: mean {list(self.mean.shape)}, "
-                             f"std {list(self.std.shape)}, {len(self.captions)} captions")
+            raise ValueError(
+                f"latent cache {self.path} is inconsistent: mean {list(self.mean.shape)}, "
+                f"std {list(self.std.shape)}, {len(self.captions)} captions"
+            )
         self.regions: list[list[list[float]]] | None = None
         if regions:
             if "regions" not in self.metadata:
-                raise ValueError(f"latent cache {self.path} stores no grounding regions (encode a dataset whose "
-                                 "items carry them, e.g. the shapes recipe's cache)")  # fmt: skip
+                raise ValueError(
+                    f"latent cache {self.path} stores no grounding regions (encode a dataset whose "
+                    "items carry them, e.g. the shapes recipe's cache)"
+                )
             self.regions = json.loads(self.metadata["regions"])
             if len(self.regions) != len(self.captions):
-                raise ValueError(f"latent cache {self.path}: {len(self.regions)} region lists for "
-                                 f"{len(self.captions)} captions")  # fmt: skip
+                raise ValueError(
+                    f"latent cache {self.path}: {len(self.regions)} region lists for {len(self.captions)} captions"
+                )
         self.caption_dropout, self.seed, self.sample = caption_dropout, seed, sample
         self.epoch = 0
 

@@ -40,8 +40,9 @@ class ShapesPairs(Dataset):
     with `regions`, (image, caption, the caption's grounding regions: `caption_regions`).
     `n_objects`: 1, 2 or None (either)."""
 
-    def __init__(self, n: int, seed: int, size: int, split: str = "train", regions: bool = False,
-                 n_objects: int | None = None):
+    def __init__(
+        self, n: int, seed: int, size: int, split: str = "train", regions: bool = False, n_objects: int | None = None
+    ):
         self.shapes, self.regions = ShapesDataset(n, seed, split, size, n_objects=n_objects), regions
 
     def __len__(self) -> int:
@@ -68,8 +69,14 @@ def image_text_data(config: TrainConfig, regions: bool = False) -> tuple[Dataset
         return train, held
     if not config.data or config.data.endswith(".safetensors"):
         raise ValueError(f"--data must be 'shapes' or a captioned image folder for this stage, got {config.data!r}")
-    folder = CaptionedFolder(config.data, config.resolution, crop="center" if config.center_crop else "random",
-                             flip=config.flip, seed=config.seed, strict=config.strict)
+    folder = CaptionedFolder(
+        config.data,
+        config.resolution,
+        crop="center" if config.center_crop else "random",
+        flip=config.flip,
+        seed=config.seed,
+        strict=config.strict,
+    )
     plain = copy.copy(folder)  # the same verified items, read without augmentation
     plain.crop, plain.flip = "center", False
     return hold_out(folder, plain, config)
@@ -81,8 +88,9 @@ def hold_out(data: Dataset, plain: Dataset, config: TrainConfig) -> tuple[Datase
     set too small for that is evaluated on training items (logged)."""
     n_eval = min(config.eval_size, len(data) // 10)
     if n_eval == 0:
-        logger.warning("%s: %d items are too few to hold some out; evaluating on training items",
-                       config.data, len(data))
+        logger.warning(
+            "%s: %d items are too few to hold some out; evaluating on training items", config.data, len(data)
+        )
         return data, Subset(plain, range(min(config.eval_size, len(data))))
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
     return Subset(data, sorted(order[n_eval:])), Subset(plain, sorted(order[:n_eval]))
@@ -123,15 +131,17 @@ def captions_of(dataset: Any) -> list[str]:
 
 
 def latent_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset]:
-    cache = LatentCacheDataset(config.data, caption_dropout=0.0, seed=config.seed,
-                               regions=config.grounding_weight > 0)  # fmt: skip
+    cache = LatentCacheDataset(config.data, caption_dropout=0.0, seed=config.seed, regions=config.grounding_weight > 0)
     stored = cache.metadata.get("vae_config")
     if stored and json.loads(stored) not in (None, json.loads(json.dumps(vae.config.to_dict()))):
-        raise ValueError(f"latent cache {config.data} was encoded with another VAE than this run's "
-                         f"(cache: {stored}; run: {vae.config.to_dict()})")  # fmt: skip
+        raise ValueError(
+            f"latent cache {config.data} was encoded with another VAE than this run's "
+            f"(cache: {stored}; run: {vae.config.to_dict()})"
+        )
     if cache.latent_shape[0] != vae.config.z_channels:
-        raise ValueError(f"latent cache {config.data} has {cache.latent_shape[0]} latent channels, "
-                         f"the VAE {vae.config.z_channels}")  # fmt: skip
+        raise ValueError(
+            f"latent cache {config.data} has {cache.latent_shape[0]} latent channels, the VAE {vae.config.z_channels}"
+        )
     plain = copy.copy(cache)
     plain.sample = False  # evaluate on posterior means: the same numbers every time
     plain.regions = None  # the held-out loss is the denoising loss: no token boxes to build
@@ -144,12 +154,16 @@ def unet_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset
         raise ValueError("--data is required: a captioned image folder, a latent cache (.safetensors) or 'shapes'")
     path = Path(config.data)
     if config.data != "shapes" and not path.exists():
-        raise ValueError(f"training data {config.data!r} does not exist (expected a captioned image folder, "
-                         "a latent cache file or 'shapes')")  # fmt: skip
+        raise ValueError(
+            f"training data {config.data!r} does not exist (expected a captioned image folder, "
+            "a latent cache file or 'shapes')"
+        )
     latents = path.is_file()
     if config.grounding_weight and not latents and config.data != "shapes":
-        raise ValueError(f"grounding_weight needs captions with grounding regions: --data shapes or a latent cache "
-                         f"that stores them; the captioned folder {config.data!r} has none")  # fmt: skip
+        raise ValueError(
+            f"grounding_weight needs captions with grounding regions: --data shapes or a latent cache "
+            f"that stores them; the captioned folder {config.data!r} has none"
+        )
     train, held = latent_data(config, vae) if latents else image_text_data(config, config.grounding_weight > 0)
     if len(train) == 0:
         raise ValueError(f"training data {config.data!r} is empty")

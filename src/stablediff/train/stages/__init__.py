@@ -32,8 +32,11 @@ def get_stage(name: str) -> type:
         raise ValueError(f"training stage {name!r} is not available: cannot import {module_name} ({err})") from err
     found = getattr(module, class_name, None)
     if not inspect.isclass(found):
-        candidates = [obj for obj in vars(module).values() if inspect.isclass(obj)
-                      and obj.__module__ == module_name and getattr(obj, "name", "") == name]  # fmt: skip
+        candidates = [
+            obj
+            for obj in vars(module).values()
+            if inspect.isclass(obj) and obj.__module__ == module_name and getattr(obj, "name", "") == name
+        ]
         if len(candidates) != 1:
             raise ValueError(f"training stage {name!r}: {module_name} defines no class {class_name!r}")
         found = candidates[0]

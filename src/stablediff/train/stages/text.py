@@ -80,8 +80,14 @@ class ImageTower(nn.Module):
         prev = channels[0]
         for ch in channels:
             groups = math.gcd(8, ch)
-            layers += [nn.Conv2d(prev, ch, 3, stride=2, padding=1), nn.GroupNorm(groups, ch), nn.SiLU(),
-                       nn.Conv2d(ch, ch, 3, padding=1), nn.GroupNorm(groups, ch), nn.SiLU()]
+            layers += [
+                nn.Conv2d(prev, ch, 3, stride=2, padding=1),
+                nn.GroupNorm(groups, ch),
+                nn.SiLU(),
+                nn.Conv2d(ch, ch, 3, padding=1),
+                nn.GroupNorm(groups, ch),
+                nn.SiLU(),
+            ]
             prev = ch
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Linear(prev * 16, embed_dim)
@@ -122,9 +128,13 @@ class ContrastiveModel(nn.ModuleDict):
         return F.normalize(self["text_proj"](pooled).float(), dim=-1)
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
-                     ids: torch.Tensor | None = None, negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def contrastive_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    scale: torch.Tensor,
+    ids: torch.Tensor | None = None,
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE: (loss, logits [B, B], images in rows). With `ids`, pairs whose token ids
     are identical are masked out of each other's softmax (see the module docstring). `negatives`:
     (embeddings [B, E] of false captions, their token ids [B, L]), extra columns of the image ->
@@ -162,16 +172,19 @@ class TextStage(Stage):
             raise ValueError(f"init_temperature must be > 0, got {config.init_temperature}")
         self.tokenizer = load_tokenizer(config.tokenizer)
         size = text_size(config.model)
-        self.text_config = replace(size.text, vocab_size=self.tokenizer.vocab_size,
-                                   max_positions=self.tokenizer.max_length)
+        self.text_config = replace(
+            size.text, vocab_size=self.tokenizer.vocab_size, max_positions=self.tokenizer.max_length
+        )
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global generator
             torch.manual_seed(config.seed)
-            self.model = ContrastiveModel({
-                "text": CLIPTextModel(self.text_config),
-                "image": ImageTower(size.image_channels, size.embed_dim),
-                "text_proj": nn.Linear(self.text_config.width, size.embed_dim, bias=False),
-                "logit_scale": LogitScale(config.init_temperature),
-            }).to(device)  # fmt: skip
+            self.model = ContrastiveModel(
+                {
+                    "text": CLIPTextModel(self.text_config),
+                    "image": ImageTower(size.image_channels, size.embed_dim),
+                    "text_proj": nn.Linear(self.text_config.width, size.embed_dim, bias=False),
+                    "logit_scale": LogitScale(config.init_temperature),
+                }
+            ).to(device)
         self._train, self._held = image_text_data(config)
         self._eval: tuple[torch.Tensor, list[str], list[Scene] | None] | None = None
 
@@ -194,8 +207,9 @@ class TextStage(Stage):
         negative_ids[[n is None for n in negatives]] = 0
         return images, ids, negative_ids
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
         images, ids, *negative_ids = (t.to(self.device, non_blocking=True) for t in batch)
         image_emb, text_emb, scale, *negative_emb = model(images, ids, self.tokenizer.eos_id, *negative_ids)
         # Under torchrun every process scores its pairs against the whole global batch (CLIP's
@@ -219,8 +233,11 @@ class TextStage(Stage):
                     if len(seen) == n:
                         break
                 items = [shapes[i] for i in seen.values()]
-                self._eval = (torch.cat([image_to_tensor(img) for img, _, _ in items]),
-                              [text for _, text, _ in items], [scene for _, _, scene in items])
+                self._eval = (
+                    torch.cat([image_to_tensor(img) for img, _, _ in items]),
+                    [text for _, text, _ in items],
+                    [scene for _, _, scene in items],
+                )
             else:
                 items = [self._held[i] for i in range(min(n, len(self._held)))]
                 self._eval = torch.stack([img for img, _ in items]), [text for _, text in items], None
@@ -235,10 +252,10 @@ class TextStage(Stage):
         net.eval()
         try:
             bs = self.config.batch_size
-            image_emb = [net.embed_images(images[i:i + bs].to(self.device)) for i in range(0, len(images), bs)]
+            image_emb = [net.embed_images(images[i : i + bs].to(self.device)) for i in range(0, len(images), bs)]
             text_emb = []
             for i in range(0, len(texts), bs):
-                ids = torch.tensor(self.tokenizer(texts[i:i + bs]), dtype=torch.long, device=self.device)
+                ids = torch.tensor(self.tokenizer(texts[i : i + bs]), dtype=torch.long, device=self.device)
                 text_emb.append(net.embed_texts(ids, self.tokenizer.eos_id))
         finally:
             net.train(was_training)
@@ -265,8 +282,10 @@ class TextStage(Stage):
         image_emb, text_emb = self._embeddings(model, texts + list(inverse.values()))
         sims = image_emb @ text_emb[:n].T
         i2t, t2i = sims.argmax(1).tolist(), sims.argmax(0).tolist()
-        out = {"retrieval_i2t": sum(texts[j] == texts[i] for i, j in enumerate(i2t)) / n,
-               "retrieval_t2i": sum(texts[j] == texts[i] for i, j in enumerate(t2i)) / n}
+        out = {
+            "retrieval_i2t": sum(texts[j] == texts[i] for i, j in enumerate(i2t)) / n,
+            "retrieval_t2i": sum(texts[j] == texts[i] for i, j in enumerate(t2i)) / n,
+        }
         if scenes is not None:
             specs = [parse_caption(t) for t in texts]
             out["retrieval_i2t_true"] = sum(specs[j].matches(scenes[i]) for i, j in enumerate(i2t)) / n
@@ -299,5 +318,4 @@ class TextStage(Stage):
         return out
 
 
-__all__ = ["TEXT_SIZES", "ContrastiveModel", "ImageTower", "LogitScale", "TextSize", "TextStage",
-           "contrastive_loss"]
+__all__ = ["TEXT_SIZES", "ContrastiveModel", "ImageTower", "LogitScale", "TextSize", "TextStage", "contrastive_loss"]

@@ -37,8 +37,14 @@ class TokenizerStage:
         corpus = caption_corpus(self.config)
         tokenizer = train_bpe(corpus, self.config.vocab_size)
         folder = tokenizer.save(Path(out_dir) / TOKENIZER_DIR)
-        logger.info("tokenizer: %d captions -> %d ids (%d merges) in %.1f s, saved to %s", len(corpus),
-                    tokenizer.vocab_size, len(tokenizer.merges), time.perf_counter() - start, folder)
+        logger.info(
+            "tokenizer: %d captions -> %d ids (%d merges) in %.1f s, saved to %s",
+            len(corpus),
+            tokenizer.vocab_size,
+            len(tokenizer.merges),
+            time.perf_counter() - start,
+            folder,
+        )
         return folder
 
 

@@ -50,14 +50,23 @@ UNET_SIZES: dict[str, UNetConfig] = {
     # (fp16 weights of all three networks stay under 25 MB). Attention at 8x8 and 4x4 only:
     # relations between two shapes need global context, and 16x16 self-attention would cost
     # more than all the convolutions there.
-    "shapes-small": UNetConfig(model_channels=48, channel_mult=(1, 2, 3), num_res_blocks=2, attention_levels=(1, 2),
-                               num_heads=None, head_dim=24, context_dim=128, norm_groups=16),  # fmt: skip
+    "shapes-small": UNetConfig(
+        model_channels=48,
+        channel_mult=(1, 2, 3),
+        num_res_blocks=2,
+        attention_levels=(1, 2),
+        num_heads=None,
+        head_dim=24,
+        context_dim=128,
+        norm_groups=16,
+    ),
 }
 SAMPLE_COUNT = 8  # a 4 x 2 grid
 
 
-def draw_timesteps(n: int, steps: int, generator: torch.Generator, high_fraction: float = 0.0,
-                   high_from: int = 0) -> torch.Tensor:  # fmt: skip
+def draw_timesteps(
+    n: int, steps: int, generator: torch.Generator, high_fraction: float = 0.0, high_from: int = 0
+) -> torch.Tensor:
     """`n` training timesteps [n] int64, uniform over [0, steps) except a `high_fraction` share of
     them (each drawn independently) uniform over the noisiest [high_from, steps)."""
     if not 0 <= high_from < steps:
@@ -119,8 +128,9 @@ class UNetStage(Stage):
         """A fresh U-Net of `config.model`'s size, PyTorch default initialisation from `config.seed`
         (the same weights in every process)."""
         z = self.vae.config.z_channels
-        cfg = dataclasses.replace(unet_size(self.config.model), in_channels=z, out_channels=z,
-                                  context_dim=self.text_encoder.config.width)  # fmt: skip
+        cfg = dataclasses.replace(
+            unet_size(self.config.model), in_channels=z, out_channels=z, context_dim=self.text_encoder.config.width
+        )
         with torch.random.fork_rng(devices=[]):  # seeded without touching the global generator
             torch.manual_seed(self.config.seed)
             return UNetModel(cfg)
@@ -131,10 +141,17 @@ class UNetStage(Stage):
     def spec(self) -> ModelSpec:
         """The ModelSpec of the model being trained (schedule facts from the base model, if any)."""
         s = self.base.spec if self.base is not None else ModelSpec("schedule")
-        return ModelSpec(name=f"stablediff-{self.config.stage}-{self.config.model}", unet=self.unet.config,
-                         vae=self.vae.config, text=self.text_encoder.config, text_format=s.text_format,
-                         pad_token=self.tokenizer.pad_token, prediction_type=self.config.prediction_type,
-                         schedule=s.schedule, default_size=self.config.resolution)  # fmt: skip
+        return ModelSpec(
+            name=f"stablediff-{self.config.stage}-{self.config.model}",
+            unet=self.unet.config,
+            vae=self.vae.config,
+            text=self.text_encoder.config,
+            text_format=s.text_format,
+            pad_token=self.tokenizer.pad_token,
+            prediction_type=self.config.prediction_type,
+            schedule=s.schedule,
+            default_size=self.config.resolution,
+        )
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -145,8 +162,10 @@ class UNetStage(Stage):
     def collate(self, items: list[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
         """(image [3, S, S] or latent [z, h, w], caption[, regions]) items -> {"x": [B, ...], "ids":
         [B, L] token ids}, and with regions "boxes" [B, L, 4] and "grounded" [B, L] (`token_boxes`)."""
-        batch = {"x": torch.stack([item[0] for item in items]),
-                 "ids": torch.tensor(self.tokenizer([item[1] for item in items]), dtype=torch.long)}  # fmt: skip
+        batch = {
+            "x": torch.stack([item[0] for item in items]),
+            "ids": torch.tensor(self.tokenizer([item[1] for item in items]), dtype=torch.long),
+        }
         regions = [item_regions(item) for item in items]
         if all(r is not None for r in regions):
             boxes = [token_boxes(self.tokenizer, item[1], r) for item, r in zip(items, regions, strict=True)]
@@ -155,8 +174,9 @@ class UNetStage(Stage):
         return batch
 
     # -----------------------------------------------------------------------------------------
-    def _latents_and_condition(self, batch: dict, generator: torch.Generator,
-                               global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def _latents_and_condition(
+        self, batch: dict, generator: torch.Generator, global_batch: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (cached, or a posterior sample) and what the trained model is conditioned on: the
         frozen text encoder's context, or the token ids when the text encoder trains too.
         `global_batch`: in a training step the posterior noise is this process's rows of the global
@@ -168,14 +188,16 @@ class UNetStage(Stage):
             else:
                 posterior = self.vae.encode(x)
                 shape = posterior.mean.shape
-                latents = posterior.sample(noise=rank_randn(generator, shape) if global_batch else
-                                           torch.randn(shape, generator=generator))  # fmt: skip
+                latents = posterior.sample(
+                    noise=rank_randn(generator, shape) if global_batch else torch.randn(shape, generator=generator)
+                )
             ids = batch["ids"].to(self.device, non_blocking=True)
             condition = ids if self.config.train_text_encoder else self.text_encoder(ids)
         return latents.float(), condition
 
-    def _loss(self, model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
-              noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def _loss(
+        self, model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample (weighted) MSE [B] for timesteps `t` [B] (int64) and `noise` like `latents`."""
         t = t.to(self.device)
         noise = noise.to(self.device)
@@ -185,8 +207,9 @@ class UNetStage(Stage):
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
         c = self.config
         if c.min_snr_gamma > 0 or c.snr_floor > 0:
-            per_sample = per_sample * min_snr_gamma_weights(t, self.alphas_cumprod, c.min_snr_gamma or math.inf,
-                                                            c.prediction_type, floor=c.snr_floor)  # fmt: skip
+            per_sample = per_sample * min_snr_gamma_weights(
+                t, self.alphas_cumprod, c.min_snr_gamma or math.inf, c.prediction_type, floor=c.snr_floor
+            )
         return per_sample
 
     def loss(self, model: nn.Module, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -202,8 +225,11 @@ class UNetStage(Stage):
             per_sample = self._loss(model, latents, condition, t, noise)
         grounding = grounding_loss(maps, batch["boxes"], batch["grounded"], latents.shape[-2:]).mean()
         loss = per_sample.mean() + c.grounding_weight * grounding
-        return loss, {"latent_std": float(latents.std()), "denoising": float(per_sample.detach().mean()),
-                      "grounding": float(grounding.detach())}  # fmt: skip
+        return loss, {
+            "latent_std": float(latents.std()),
+            "denoising": float(per_sample.detach().mean()),
+            "grounding": float(grounding.detach()),
+        }
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out loss at evenly spaced timesteps with fixed noise: comparable between steps and runs."""
@@ -235,8 +261,15 @@ class UNetStage(Stage):
         size = self.config.resolution
         images = []
         for k, prompt in enumerate(sample_prompts(self.config, self._held)[:SAMPLE_COUNT]):
-            params = GenerationParams(prompt=prompt, width=size, height=size, steps=self.sample_steps,
-                                      guidance_scale=self.sample_guidance, sampler="dpmpp_2m", seed=k)  # fmt: skip
+            params = GenerationParams(
+                prompt=prompt,
+                width=size,
+                height=size,
+                steps=self.sample_steps,
+                guidance_scale=self.sample_guidance,
+                sampler="dpmpp_2m",
+                seed=k,
+            )
             images += pipe.generate(params)
         columns = 4
         rows = (len(images) + columns - 1) // columns
@@ -253,8 +286,12 @@ class UNetStage(Stage):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(out_dir / TOKENIZER_DIR)
-        path = save(self.pipeline(model), out_dir / MODEL_FILE, overwrite=True,
-                    metadata={TRAIN_CONFIG_KEY: self.config.to_json()})  # fmt: skip
+        path = save(
+            self.pipeline(model),
+            out_dir / MODEL_FILE,
+            overwrite=True,
+            metadata={TRAIN_CONFIG_KEY: self.config.to_json()},
+        )
         logger.info("U-Net model exported to %s", path)
         return path
 
@@ -267,21 +304,27 @@ class FinetuneStage(UNetStage):
 
     def __init__(self, config: TrainConfig, device: torch.device):
         if not config.base:
-            raise ValueError("the finetune stage needs --base: the model to continue training "
-                             "(a single-file checkpoint or a diffusers folder)")  # fmt: skip
+            raise ValueError(
+                "the finetune stage needs --base: the model to continue training "
+                "(a single-file checkpoint or a diffusers folder)"
+            )
         super().__init__(config, device)
 
     def _initial_unet(self) -> UNetModel:
         unet = self.base.unet
         if unet.config.context_dim != self.text_encoder.config.width:
-            raise ValueError(f"the base U-Net attends to {unet.config.context_dim}-wide text, the text encoder "
-                             f"gives {self.text_encoder.config.width}")  # fmt: skip
+            raise ValueError(
+                f"the base U-Net attends to {unet.config.context_dim}-wide text, the text encoder "
+                f"gives {self.text_encoder.config.width}"
+            )
         if self.base.spec.prediction_type != self.config.prediction_type:
-            logger.warning("base model predicts %s; finetuning it to predict %s", self.base.spec.prediction_type,
-                           self.config.prediction_type)  # fmt: skip
+            logger.warning(
+                "base model predicts %s; finetuning it to predict %s",
+                self.base.spec.prediction_type,
+                self.config.prediction_type,
+            )
         self.base.unet = None  # the stage owns it now; the base keeps only the frozen parts
         return unet.requires_grad_(True)
 
 
-__all__ = ["UNET_SIZES", "FinetuneStage", "TextConditionedUNet", "UNetStage",
-           "draw_timesteps", "unet_size"]
+__all__ = ["UNET_SIZES", "FinetuneStage", "TextConditionedUNet", "UNetStage", "draw_timesteps", "unet_size"]

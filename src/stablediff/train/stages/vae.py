@@ -69,11 +69,16 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         groups = min(8, ch // 4)
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1), nn.GroupNorm(groups, 2 * ch), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * ch, 4 * ch, 4, stride=1, padding=1), nn.GroupNorm(groups, 4 * ch), nn.LeakyReLU(0.2),
+            nn.Conv2d(in_channels, ch, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1),
+            nn.GroupNorm(groups, 2 * ch),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * ch, 4 * ch, 4, stride=1, padding=1),
+            nn.GroupNorm(groups, 4 * ch),
+            nn.LeakyReLU(0.2),
             nn.Conv2d(4 * ch, 1, 4, stride=1, padding=1),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -147,14 +152,15 @@ class VAEStage(Stage):
         """(image, caption) items -> images [B, 3, S, S]; captions are not used here."""
         return torch.stack([image for image, _ in items])
 
-    def loss_terms(self, model: nn.Module, batch: torch.Tensor, step: int,
-                   generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def loss_terms(
+        self, model: nn.Module, batch: torch.Tensor, step: int, generator: torch.Generator
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The weighted loss terms (their sum is the loss) and metrics. Terms: "rec", "kl", and with
         a discriminator "g_adv" (reaches the VAE only) and "d_hinge" (reaches the discriminator only)."""
         images = batch.to(self.device, non_blocking=True)
         out = model(images, generator)
         recon = out["recon"]
-        diff = (recon.float() - images.float())
+        diff = recon.float() - images.float()
         per_pixel = diff.abs() if self.config.recon_loss == "l1" else diff.pow(2)
         if self.config.recon_focus > 0:
             weight = 1.0 + self.config.recon_focus * foreground_mask(images.float())
@@ -163,8 +169,11 @@ class VAEStage(Stage):
             rec = per_pixel.mean()
         kl = out["kl"].float().mean() / images[0].numel()
         terms = {"rec": rec, "kl": self.config.kl_weight * kl}
-        metrics = {"rec": rec.item(), "kl": out["kl"].float().mean().item(),
-                   "psnr": psnr(recon.detach().clamp(-1, 1), images).mean().item()}
+        metrics = {
+            "rec": rec.item(),
+            "kl": out["kl"].float().mean().item(),
+            "psnr": psnr(recon.detach().clamp(-1, 1), images).mean().item(),
+        }
         if "logits_g" in out:
             # Before disc_start both terms are weighted 0 but still computed, so every parameter
             # takes part in every step (DDP needs no find_unused_parameters).
@@ -175,8 +184,13 @@ class VAEStage(Stage):
             weight = self._adaptive_weight(model, rec, g_loss) if factor and torch.is_grad_enabled() else 0.0
             terms["g_adv"] = factor * self.config.disc_weight * weight * g_loss
             terms["d_hinge"] = factor * d_loss
-            metrics |= {"g_loss": g_loss.item(), "d_loss": d_loss.item(), "adaptive_weight": float(weight),
-                        "logits_real": real.mean().item(), "logits_fake": fake.mean().item()}
+            metrics |= {
+                "g_loss": g_loss.item(),
+                "d_loss": d_loss.item(),
+                "adaptive_weight": float(weight),
+                "logits_real": real.mean().item(),
+                "logits_fake": fake.mean().item(),
+            }
         return terms, metrics
 
     @staticmethod
@@ -189,8 +203,9 @@ class VAEStage(Stage):
         adv_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
-    def loss(self, model: nn.Module, batch: torch.Tensor, step: int,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, model: nn.Module, batch: torch.Tensor, step: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
         terms, metrics = self.loss_terms(model, batch, step, generator)
         total = sum(terms.values())
         metrics["loss"] = total.item()
