@@ -1,1 +1,2 @@
-"""Training: data (procedural shapes world, captioned folders, latent caches), losses, trainer loop."""
+"""Training every part from scratch: data (`data/`), exported parts (`exports.py`), the trainer loop
+(`trainer.py` and its helpers), the stages (`stages/`) and recipes (`recipe.py`)."""
