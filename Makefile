@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,reference]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,reference,serve]" "$(TORCH)"
+	$(PY) -m pip install -q --no-deps "k-diffusion==0.1.1.post1"
 	touch $(STAMP)
 
 test: setup

@@ -178,7 +178,7 @@ def test_a1111_text_format():
     assert lines[:2] == ["a cat, sitting", "Negative prompt: blurry"]
     assert lines[2].startswith(
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, "
-        "Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, "
+        "Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, RNG: CPU, "
         "Version: stablediff "
     )
     assert "Denoising strength" not in text  # txt2img: A1111 leaves it out
@@ -195,7 +195,7 @@ def test_a1111_round_trip_with_quoted_values():
         guidance_scale=4.0,
         guidance_rescale=0.25,
         sampler="euler_a",
-        schedule="default",
+        schedule="exponential",  # "default" is written as the A1111 type it equals (tests/test_a1111.py)
         seed=42,
         clip_skip=3,
         strength=0.6,

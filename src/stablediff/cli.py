@@ -19,9 +19,20 @@ import torch
 from tqdm import tqdm
 
 from stablediff.diffusion import PREDICTION_TYPES, SAMPLERS
+from stablediff.errors import printable
 from stablediff.image import read_png_metadata, save_png, unique_path
-from stablediff.loading import LAYOUTS, default_model, load_pipeline, model_hash, save
-from stablediff.params import SCHEDULES, GenerationParams
+from stablediff.loading import (
+    BUNDLED_NAME,
+    LAYOUTS,
+    PRESETS,
+    bundled_model_path,
+    default_model,
+    load_pipeline,
+    model_hash,
+    model_metadata,
+    save,
+)
+from stablediff.params import SCHEDULES, GenerationParams, file_name
 from stablediff.train.stages import STAGES, get_stage
 from stablediff.version import __version__
 
@@ -75,7 +86,12 @@ def _add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
         default=None,
         help="checkpoint file, diffusers folder or preset (default: $STABLEDIFF_MODEL or the bundled model)",
     )
-    p.add_argument("--from", dest="from_png", default=None, help="take every parameter from a PNG we wrote")
+    p.add_argument(
+        "--from",
+        dest="from_png",
+        default=None,
+        help="take every parameter from a PNG (ours, or A1111's: what it cannot reproduce is listed)",
+    )
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
     p.add_argument("--device", default="cpu")
@@ -101,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="checkpoint file or diffusers folder")
     conv.add_argument("target")
     conv.add_argument("--layout", choices=LAYOUTS, default="single-file")
-    conv.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating weights")
+    conv.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating weights (default: keep each dtype)")
     conv.add_argument(
         "--no-ema",
         dest="use_ema",
@@ -109,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the trained U-Net weights even when an EMA copy exists",
     )
     conv.add_argument("--prediction-type", choices=tuple(PREDICTION_TYPES), default=None)
-    conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--overwrite", action="store_true", help="replace a model (file or diffusers folder) at TARGET")
     data = sub.add_parser("dataset", help="write a training data set")
     kinds = data.add_subparsers(dest="kind", required=True)
     shapes = kinds.add_parser("shapes", help="the procedural captioned shapes world")
@@ -159,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep", action="store_true", help="also sweep samplers x steps (4, 8, 20, 50) and guidance")
     ev.add_argument("--sweep-n", type=int, default=50, help="prompts per suite in each sweep setting")
     ev.add_argument("--out", default="eval", help="report folder (eval.json, eval.md, sweep.*, sweep.png)")
+    srv = sub.add_parser("serve", help="a web server: native JSON API and an AUTOMATIC1111-compatible API")
+    srv.add_argument("--model", default=None, help="model at start (default: $STABLEDIFF_MODEL or the bundled model)")
+    srv.add_argument("--models", default=None, help="a folder of checkpoints and diffusers folders to offer")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs --api-key)")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--outputs", default="outputs", help="images, uploads and jobs.sqlite3 (default: outputs)")
+    srv.add_argument("--api-key", default=None, help="require this key (X-API-Key or Authorization: Bearer)")
+    srv.add_argument("--allow-host", action="append", default=[], help="another Host header name to accept")
+    srv.add_argument("--device", default="cpu")
     return parser
 
 
@@ -168,15 +193,25 @@ def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
     model = None
     if args.from_png:
         stored = read_png_metadata(args.from_png)["stablediff"]
-        if stored is None:
-            raise ValueError(f"{args.from_png} has no stablediff parameters (not written by stablediff)")
-        if stored["params"].get("latents_given"):
-            raise ValueError(f"{args.from_png} was made from explicit latents, which a PNG cannot hold")
-        params = GenerationParams.from_json_dict(stored["params"])
+        if stored is None:  # A1111's "parameters" text alone: say what it does not reproduce
+            params, unmapped = GenerationParams.from_png(args.from_png)
+            for item in unmapped:
+                where = printable(args.from_png)
+                print(f"stablediff {args.command}: warning: {where}: {printable(item)}", file=sys.stderr)
+        else:
+            params, stored_model = GenerationParams.from_record(stored, args.from_png)
+            if stored["params"].get("latents_given"):
+                raise ValueError(f"{args.from_png} was made from explicit latents, which a PNG cannot hold")
+            model = stored_model["model_file"]
         values = {f.name: getattr(params, f.name) for f in fields(GenerationParams) if f.name != "latents"}
-        model = stored.get("model_path")
     given = {k: v for k, v in vars(args).items() if k in values or k in _PARAM_FLAGS or k in ("init_image", "mask")}
     values.update({k: v for k, v in given.items() if v is not None})
+    if args.from_png:  # the files the PNG names, where the command line names none
+        for name, flag in (("init_image", "--init"), ("mask", "--mask")):
+            if given.get(name) is None and isinstance(values.get(name), str):
+                values[name] = _file_from_png(args.from_png, name, values[name], flag)
+        if model is not None and not args.model:
+            model = _file_from_png(args.from_png, "model", model, "--model")
     if args.prompt is not None:
         values["prompt"] = args.prompt
     if "prompt" not in values:
@@ -184,6 +219,25 @@ def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
     if values.get("seed") is None:
         values["seed"] = secrets.randbelow(2**32)
     return values, args.model or model
+
+
+def _file_from_png(png: str, field: str, value: str, flag: str) -> str:
+    """A file a PNG names (its init image, mask or model): used only if it is there as written or,
+    by its file name, in the current folder, and said on stderr, since the PNG chose it. A model
+    may also be a preset's name (or the bundled model's). Names are shown by repr: escaped."""
+    where = f"stablediff: --from {printable(png)}"
+    if field == "model" and (value in PRESETS or value == BUNDLED_NAME):
+        print(f"{where}: using the model {value!r} named in the PNG", file=sys.stderr)
+        return value
+    for candidate in dict.fromkeys((value, file_name(value))):
+        if candidate and Path(candidate).exists():
+            said = "" if candidate == value else f" (the PNG says {value!r})"
+            print(f"{where}: using the {field} file {candidate!r}{said} named in the PNG", file=sys.stderr)
+            return candidate
+    raise ValueError(
+        f"{png}: the PNG names the {field} file {value!r}, which is neither there nor in the current folder; "
+        f"pass {flag} FILE"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -218,7 +272,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     digest = model_hash(pipe.source) if pipe.source else None
     name = Path(pipe.source).stem if pipe.source else pipe.spec.name
-    model_ref = pipe.source or pipe.spec.name  # a preset is named by itself
+    # A preset is named by itself, the bundled model by its name; a file by its file name (to_record).
+    bundled = pipe.source is not None and Path(pipe.source) == bundled_model_path()
+    model_ref = BUNDLED_NAME if bundled else (pipe.source or pipe.spec.name)
     for k, image in enumerate(images):
         seed = params.seed + k
         one = GenerationParams(
@@ -229,13 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "latents": None,
             }
         )
-        record = {
-            "params": one.to_json_dict(),
-            "model": name,
-            "model_hash": digest,
-            "model_path": model_ref,
-            "version": __version__,
-        }
+        record = one.to_record(model=name, model_file=model_ref, model_hash=digest)
         if params.latents is not None:
             record["params"]["latents_given"] = True
         path = unique_path(out, str(seed))
@@ -248,21 +298,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     meta = read_png_metadata(args.image)
     if meta["parameters"] is None and meta["stablediff"] is None:
         raise ValueError(f"{args.image} carries no generation parameters")
+    # A stranger's text: terminal escape sequences and other control characters are shown escaped.
     if meta["parameters"] is not None:
-        print(meta["parameters"])
+        print(printable(meta["parameters"]))
     if meta["stablediff"] is not None:
-        print(json.dumps(meta["stablediff"], indent=2, ensure_ascii=False))
+        print(printable(json.dumps(meta["stablediff"], indent=2, ensure_ascii=False)))
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    pipe = load_pipeline(args.source, use_ema=args.use_ema, prediction_type=args.prediction_type)
+    # Without --dtype every tensor keeps its dtype, and the source's metadata travels along (our
+    # spec rewritten by `save` for the new file).
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    pipe = load_pipeline(args.source, dtype=dtype, use_ema=args.use_ema, prediction_type=args.prediction_type)
     path = save(
         pipe,
         args.target,
         layout=args.layout,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=dtype,
         overwrite=args.overwrite,
+        metadata=model_metadata(pipe.source) if pipe.source else None,
     )
     print(path)
     return 0
@@ -396,6 +451,29 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from stablediff.serve import ServeConfig
+        from stablediff.serve.app import create_app, run
+    except ImportError as err:
+        raise ValueError(f"the server needs the serve extra: pip install 'stablediff[serve]' ({err})") from None
+    config = ServeConfig(
+        model=args.model,
+        models_dir=Path(args.models) if args.models else None,
+        host=args.host,
+        port=args.port,
+        outputs=Path(args.outputs),
+        api_key=args.api_key,
+        device=args.device,
+        extra_hosts=tuple(args.allow_host),
+    ).check()  # a refused configuration fails before the model loads
+    app = create_app(config)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"stablediff serve: http://{host}:{config.port}/  (API docs at /docs; Ctrl+C stops)", flush=True)
+    run(config, app)
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "img2img": cmd_generate,
@@ -404,6 +482,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "dataset": cmd_dataset,
     "eval": cmd_eval,
+    "serve": cmd_serve,
 }
 
 
@@ -417,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, extra)
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as err:
-        print(f"stablediff {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input and bad files (errors.BadFileError); a bug shows its traceback
+        print(f"stablediff {args.command}: error: {printable(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
+from stablediff.errors import BadFileError, load_json
+
 ImageInput = Image.Image | str | os.PathLike[str]
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes for 16-bit grayscale data
@@ -85,7 +87,7 @@ def tensor_to_images(x: Tensor) -> list[Image.Image]:
         raise ValueError(f"expected a [B, 3, H, W] image tensor, got {got}")
     x = x.detach()
     if not torch.isfinite(x).all():
-        raise ValueError("image tensor contains NaN or inf (a VAE overflow in float16?)")
+        raise ValueError("image tensor contains NaN or inf")
     x = (x * 0.5 + 0.5).clamp(0, 1)  # same op order and dtype as diffusers' denormalize
     array = x.cpu().permute(0, 2, 3, 1).float().numpy()
     array = (array * 255).round().astype("uint8")  # numpy, as diffusers' numpy_to_pil
@@ -170,7 +172,9 @@ def _publish(temp: Path, path: Path, overwrite: bool) -> None:
 
 def read_png_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"parameters": str | None, "stablediff": dict | None}`` from a PNG written by ``save_png``
-    (or by A1111, which writes only ``parameters``). ``ValueError`` for non-PNG or broken files."""
+    (or by A1111, which writes only ``parameters``). ``ValueError`` for non-PNG or broken files;
+    a ``stablediff`` chunk that is not a JSON object (or nests too deeply) is a BadFileError.
+    The text is a stranger's: print it through ``errors.printable``."""
     img = _open_file(Path(path))
     if img.format != "PNG":
         raise ValueError(f"{path} is a {img.format} file, not a PNG")
@@ -178,10 +182,9 @@ def read_png_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw = text.get("stablediff")
     data = None
     if raw is not None:
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: the stablediff chunk is not valid JSON ({err})") from None
+        data = load_json(raw, f"{path}: the stablediff chunk")
+        if not isinstance(data, dict):
+            raise BadFileError(f"{path}: the stablediff chunk is a JSON {type(data).__name__}, not an object")
     return {"parameters": text.get("parameters"), "stablediff": data}
 
 

@@ -8,9 +8,13 @@ about one copy of the weights. Two layouts are written, always as safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import replace
@@ -20,20 +24,45 @@ from pathlib import Path
 import torch
 
 from stablediff.diffusion.schedules import ScheduleConfig
+from stablediff.errors import BadFileError, load_json
+from stablediff.limits import check_limits, config_from_dict
 from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
 from stablediff.models.unet import UNetConfig, UNetModel
 from stablediff.models.vae import AutoencoderKL, VAEConfig
 from stablediff.nn import randomize_
 from stablediff.pipeline import StableDiffusion
-from stablediff.presets import PRESETS, ModelSpec, get_preset, spec_from_parts
+from stablediff.presets import (
+    PRESETS,
+    ModelSpec,
+    get_preset,
+    infer_text_config,
+    infer_unet_config,
+    infer_vae_config,
+    spec_from_parts,
+)
 from stablediff.tokenizer import CLIPTokenizer
 from stablediff.version import __version__
 from stablediff.weights import convert
-from stablediff.weights.io import CheckpointError, read_metadata, read_state_dict, write_safetensors
+from stablediff.weights.io import (
+    CheckpointError,
+    detect_format,
+    file_mode,
+    read_metadata,
+    read_state_dict,
+    write_safetensors,
+)
 from stablediff.weights.strict import load_strict
 
 SPEC_METADATA_KEY = "stablediff.spec"
+# The SHA-256 of the spec text: facts no tensor shows (scaling factor, betas, heads, prediction
+# type) cannot be checked against the weights, so a file we wrote says what its spec was.
+SPEC_CHECKSUM_KEY = "stablediff.spec_sha256"
 TOKENIZER_METADATA_KEY = "stablediff.tokenizer"  # a trained vocabulary (the CLIP one is package data)
+VERSION_METADATA_KEY = "stablediff.version"
+logger = logging.getLogger(__name__)
+# Written by `save` from the model itself; metadata passed to `save` (or carried over by a
+# conversion) never replaces them.
+MANAGED_METADATA_KEYS = (SPEC_METADATA_KEY, SPEC_CHECKSUM_KEY, TOKENIZER_METADATA_KEY, VERSION_METADATA_KEY)
 LAYOUTS = ("single-file", "diffusers")
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 _WEIGHT_FILES = {
@@ -46,12 +75,31 @@ _WEIGHT_FILES = {
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
 }
 _WEIGHT_FILES["vae"] = _WEIGHT_FILES["unet"]
+# A file `save(..., overwrite=True)` may replace: safetensors by content, or a torch checkpoint by
+# content with one of these names (a pickle may hold anything).
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# The fields of each network's config that its weights' shapes determine (presets.infer_*).
+_INFERRED_FIELDS = {
+    "unet": (
+        "in_channels",
+        "out_channels",
+        "model_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attention_levels",
+        "transformer_depth",
+        "context_dim",
+        "use_linear_proj",
+    ),
+    "vae": ("in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels"),
+    "text": ("vocab_size", "width", "layers", "mlp_ratio", "max_positions"),
+}
 
 
 def load_pipeline(
     path_or_preset: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     *,
     prediction_type: str | None = None,
     use_ema: bool = True,
@@ -62,6 +110,7 @@ def load_pipeline(
 
     path_or_preset: a single-file checkpoint, a diffusers folder, a name in PRESETS (random
         weights), or "shapes" (the bundled model); None: `default_model()`.
+    dtype: of the floating weights; None keeps each tensor's stored dtype (presets: float32).
     prediction_type: overrides the spec ("v_prediction" cannot be seen in weights).
     use_ema: use the EMA copy of the U-Net when a single-file checkpoint has one.
     spec: force a ModelSpec (or preset name) instead of recognising it from the weights.
@@ -75,9 +124,11 @@ def load_pipeline(
     if isinstance(spec, str):
         spec = get_preset(spec)
     if path.is_dir():
-        pipe = _load_diffusers(path, device, dtype, spec)
+        with _naming(path):
+            pipe = _load_diffusers(path, device, dtype, spec)
     elif path.exists():
-        pipe = _load_single_file(path, device, dtype, use_ema, spec)
+        with _naming(path):
+            pipe = _load_single_file(path, device, dtype, use_ema, spec)
     elif str(path_or_preset) in PRESETS:
         pipe = _build_random(spec or get_preset(str(path_or_preset)), device, dtype, seed)
     else:
@@ -105,6 +156,15 @@ def bundled_model_path() -> Path:
 def default_model() -> str:
     """The model used when none is named: $STABLEDIFF_MODEL, else the bundled shapes model."""
     return os.environ.get("STABLEDIFF_MODEL") or BUNDLED_NAME
+
+
+def model_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata a model carries: a safetensors file's, or that of a diffusers folder's U-Net
+    weights (where `load_pipeline` reads our spec); {} for pickles and .bin files."""
+    path = Path(path)
+    if path.is_dir():
+        path = _part_file(path, "unet")
+    return read_metadata(path)
 
 
 def model_hash(path: str | os.PathLike) -> str:
@@ -148,25 +208,160 @@ def _load_single_file(path: Path, device, dtype, use_ema: bool, spec: ModelSpec 
         )
     metadata = read_metadata(path)
     if spec is None:
-        stored = metadata.get(SPEC_METADATA_KEY)
-        if stored:
-            spec = ModelSpec.from_json(stored)
+        spec = _stored_spec(metadata, path)
+        if spec is not None:
+            if parts["text"] and spec.text_format != parts["text_format"]:
+                raise CheckpointError(
+                    f"{path}: the stored model spec says text_format {spec.text_format!r} but the text encoder's "
+                    f"keys are in the {parts['text_format']!r} format"
+                )
+            _check_against_weights(spec, parts, path)
         else:
             spec = spec_from_parts(parts["unet"], parts["vae"], parts["text"], parts["text_format"], "epsilon")
     if TOKENIZER_METADATA_KEY in metadata:
-        tokenizer = CLIPTokenizer.from_dict(json.loads(metadata[TOKENIZER_METADATA_KEY]))
+        where = f"{path}: metadata {TOKENIZER_METADATA_KEY!r}"
+        tokenizer = _tokenizer(
+            where, lambda: CLIPTokenizer.from_dict(load_json(metadata[TOKENIZER_METADATA_KEY], where))
+        )
     else:
         tokenizer = CLIPTokenizer.default(pad_token=spec.pad_token)
     return _build(spec, parts["unet"], parts["vae"], parts["text"], tokenizer, device, dtype)
 
 
+def _stored_spec(metadata: dict[str, str], path: Path) -> ModelSpec | None:
+    """The ModelSpec a file we wrote carries in its metadata (None if it has none), after checking
+    it against its own checksum (files written before the checksum have none) and for values no
+    real model has."""
+    stored = metadata.get(SPEC_METADATA_KEY)
+    checksum = metadata.get(SPEC_CHECKSUM_KEY)
+    if not stored:
+        if checksum is not None:
+            raise CheckpointError(
+                f"{path}: has a {SPEC_CHECKSUM_KEY} but no {SPEC_METADATA_KEY}: its metadata was modified"
+            )
+        return None
+    if checksum is not None and checksum != _sha256(stored):
+        raise CheckpointError(
+            f"{path}: spec metadata was modified: {SPEC_METADATA_KEY} does not match its {SPEC_CHECKSUM_KEY} "
+            f"(stored {checksum[:16]!r}..., the text hashes to {_sha256(stored)[:16]!r}...)"
+        )
+    try:
+        spec = ModelSpec.from_json(stored)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{path}: the stored model spec ({SPEC_METADATA_KEY}) is invalid: {err}") from None
+    _check_values(spec, path)
+    return spec
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(spec: ModelSpec, source: object) -> None:
+    """Refuse a scaling factor or betas that no real model has (they would sample garbage)."""
+    scale = spec.vae.scaling_factor
+    if not _is_number(scale) or scale <= 0:
+        raise CheckpointError(f"{source}: VAE scaling_factor must be a finite number > 0, got {scale!r}")
+    sched = spec.schedule
+    if sched.beta_schedule in ("linear", "scaled_linear"):  # squaredcos_cap_v2 does not use them
+        start, end = sched.beta_start, sched.beta_end
+        if not (_is_number(start) and _is_number(end) and 0 < start < end < 1):
+            raise CheckpointError(
+                f"{source}: the noise schedule needs 0 < beta_start < beta_end < 1, "
+                f"got beta_start {start!r}, beta_end {end!r}"
+            )
+
+
+def _check_fields(stored: object, found: object, network: str, source: object, seen_in: str) -> None:
+    """Every shape-determined field of ``stored`` (a network config from a spec) equals ``found``."""
+    for name in _INFERRED_FIELDS[network]:
+        a, b = getattr(stored, name), getattr(found, name)
+        if a != b:
+            raise CheckpointError(
+                f"{source}: the stored model spec does not match the model: {network}.{name} is {a!r} in the "
+                f"spec but {b!r} in {seen_in}"
+            )
+
+
+def _check_against_weights(spec: ModelSpec, sds: dict, source: object) -> None:
+    """A stored spec agrees with what its weights' shapes say, field by field.
+
+    Inference is heuristic (presets.infer_*); where it cannot read a layout, nothing is compared
+    here and strict loading still checks every key and shape against the spec.
+    """
+    inferers = {
+        "unet": lambda sd: infer_unet_config(sd, like=spec.unet),
+        "vae": lambda sd: infer_vae_config(sd, like=spec.vae),
+        "text": lambda sd: infer_text_config(sd, spec.text_format),
+    }
+    for network, infer in inferers.items():
+        if not sds[network]:
+            continue  # strict loading names the missing keys
+        try:
+            found = infer(sds[network])
+        except (ValueError, KeyError, IndexError, StopIteration, ZeroDivisionError, TypeError):
+            continue
+        _check_fields(getattr(spec, network), found, network, source, "the weights")
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Errors while reading the model at ``path`` name it: every ValueError (a bad key, shape,
+    config value) becomes a BadFileError whose message names ``path``; WeightMismatchError and the
+    other BadFileError kinds keep their class, others become CheckpointError."""
+    try:
+        yield
+    except ValueError as err:
+        named = str(path) in str(err)
+        if named and isinstance(err, BadFileError):
+            raise
+        kind = type(err) if isinstance(err, BadFileError) else CheckpointError
+        raise kind(str(err) if named else f"{path}: {err}") from err
+
+
+def _tokenizer(source: object, read) -> CLIPTokenizer:
+    """``read()`` a tokenizer from a stranger's files or metadata; what its parsing raises on data
+    of the wrong shape (a list for a dict, a missing key) becomes a CheckpointError naming ``source``."""
+    try:
+        return read()
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{source}: not a valid tokenizer ({type(err).__name__}: {err})") from None
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    value = load_json(data, str(path))
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _network_config(cls, read, data: dict, path: Path, keys: dict):
+    """A network config from a diffusers/transformers config.json: ``read`` (a converter from
+    convert.py) type-checks the file's values, then every field is checked against LIMITS before
+    anything is built; errors name the file and its key."""
+    try:
+        fields = read(data)
+    except BadFileError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return config_from_dict(cls, fields, str(path), keys)
+
+
+def _default_size(unet_json: dict, path: Path, downscale: int) -> int:
+    sample_size = unet_json.get("sample_size", 64)
+    if type(sample_size) is not int:
+        raise CheckpointError(f"{path}: sample_size must be an integer, got {sample_size!r:.60}")
+    check_limits("ModelSpec", {"default_size": sample_size * downscale}, str(path), {"default_size": "sample_size"})
+    return sample_size * downscale
 
 
 def _part_file(folder: Path, part: str) -> Path:
@@ -182,55 +377,75 @@ def _load_diffusers(folder: Path, device, dtype, spec: ModelSpec | None) -> Stab
     for part in DIFFUSERS_PARTS:
         if not (folder / part).is_dir():
             raise CheckpointError(f"diffusers folder {folder} is missing {part}/")
-    tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
+    tokenizer = _tokenizer(folder / "tokenizer", lambda: CLIPTokenizer.from_folder(folder / "tokenizer"))
     files = {part: _part_file(folder, part) for part in ("unet", "vae", "text_encoder")}
+    stored = False
     if spec is None:
-        spec = _diffusers_spec(folder, files["unet"], tokenizer)
+        spec, stored = _diffusers_spec(folder, files["unet"], tokenizer)
     u, v = spec.unet, spec.vae
     unet_sd = convert.unet_diffusers_to_ours(
         read_state_dict(files["unet"]), u.channel_mult, u.num_res_blocks, u.attention_levels
     )
     vae_sd = convert.vae_diffusers_to_ours(read_state_dict(files["vae"]), len(v.ch_mult), v.num_res_blocks)
     text_sd = convert.text_transformers_to_ours(read_state_dict(files["text_encoder"]))
+    if stored:
+        _check_against_weights(spec, {"unet": unet_sd, "vae": vae_sd, "text": text_sd}, files["unet"])
     return _build(spec, unet_sd, vae_sd, text_sd, tokenizer, device, dtype)
 
 
-def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> ModelSpec:
+def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> tuple[ModelSpec, bool]:
     """The spec of a diffusers folder, from its config files (and from our own metadata when we
-    wrote the folder: it keeps the name and schedule facts that configs do not carry)."""
-    unet_json = _read_json(folder / "unet" / "config.json")
-    vae_cfg = VAEConfig(**convert.vae_config_from_diffusers(_read_json(folder / "vae" / "config.json")))
-    text_json = _read_json(folder / "text_encoder" / "config.json")
-    text_cfg = CLIPTextConfig(**convert.text_config_from_transformers(text_json))
+    wrote the folder: it keeps the name and schedule facts that configs do not carry), and whether
+    it came from that metadata."""
+    unet_path, vae_path, text_path = (folder / part / "config.json" for part in ("unet", "vae", "text_encoder"))
+    unet_json = _read_json(unet_path)
+    vae_cfg = _network_config(
+        VAEConfig, convert.vae_config_from_diffusers, _read_json(vae_path), vae_path, convert.VAE_DIFFUSERS_KEYS
+    )
+    text_json = _read_json(text_path)
+    text_cfg = _network_config(
+        CLIPTextConfig, convert.text_config_from_transformers, text_json, text_path, convert.TEXT_TRANSFORMERS_KEYS
+    )
+    unet_cfg = _network_config(
+        UNetConfig, convert.unet_config_from_diffusers, unet_json, unet_path, convert.UNET_DIFFUSERS_KEYS
+    )
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(scheduler_path) if scheduler_path.is_file() else {}
-    stored = read_metadata(unet_file).get(SPEC_METADATA_KEY) if unet_file.suffix == ".safetensors" else None
+    spec = _stored_spec(read_metadata(unet_file), unet_file) if unet_file.suffix == ".safetensors" else None
+    stored = spec is not None
     if stored:
-        spec = ModelSpec.from_json(stored)
+        # The weights are renamed with the spec's block layout, so it must agree with the
+        # folder's configs (which describe the same weights) before the weights are read.
+        _check_fields(spec.unet, unet_cfg, "unet", unet_file, str(folder / "unet" / "config.json"))
+        _check_fields(spec.vae, vae_cfg, "vae", unet_file, str(folder / "vae" / "config.json"))
     else:
         spec = ModelSpec(
             name=f"diffusers:{folder.name}",
-            unet=UNetConfig(**convert.unet_config_from_diffusers(unet_json)),
+            unet=unet_cfg,
             vae=vae_cfg,
             text=text_cfg,
             text_format="openclip" if text_cfg.activation == "gelu" else "openai",
-            prediction_type=sched.get("prediction_type", "epsilon"),
-            schedule=_schedule_from_diffusers(sched),
-            default_size=unet_json.get("sample_size", 64) * vae_cfg.downscale,
+            prediction_type=_prediction_type(sched, scheduler_path),
+            schedule=_schedule_from_diffusers(sched, scheduler_path),
+            default_size=_default_size(unet_json, unet_path, vae_cfg.downscale),
         )
+        _check_values(spec, folder)
     # transformers runs every layer it has: the folder's text tower never skips layers.
-    return replace(spec, text=text_cfg, pad_token=tokenizer.pad_token)
+    return replace(spec, text=text_cfg, pad_token=tokenizer.pad_token), stored
 
 
-def _schedule_from_diffusers(sched: dict) -> ScheduleConfig:
-    """The training schedule of a ``scheduler_config.json`` (its inference settings are not read)."""
-    defaults = ScheduleConfig()
-    return ScheduleConfig(
-        num_train_timesteps=sched.get("num_train_timesteps", defaults.num_train_timesteps),
-        beta_schedule=sched.get("beta_schedule", defaults.beta_schedule),
-        beta_start=sched.get("beta_start", defaults.beta_start),
-        beta_end=sched.get("beta_end", defaults.beta_end),
-    )
+def _schedule_from_diffusers(sched: dict, where: object = "scheduler_config.json") -> ScheduleConfig:
+    """The training schedule of a ``scheduler_config.json`` (its inference settings are not read),
+    checked like any config from a file (BadFileError naming ``where``)."""
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    return config_from_dict(ScheduleConfig, {k: sched[k] for k in keys if k in sched}, str(where))
+
+
+def _prediction_type(sched: dict, where: object) -> str:
+    value = sched.get("prediction_type", "epsilon")
+    if type(value) is not str:
+        raise CheckpointError(f"{where}: prediction_type must be a string, got {value!r:.60}")
+    return value
 
 
 def _schedule_to_diffusers(schedule: ScheduleConfig, prediction_type: str) -> dict:
@@ -273,35 +488,92 @@ def save(
 ) -> Path:
     """Write `pipe` as one safetensors file (original key names) or as a diffusers folder.
 
-    The model spec is stored in the file metadata, so a file we wrote loads back exactly
-    (a round trip ours -> file -> ours is bit-exact). Nothing appears under `path` unless the
-    whole write succeeded.
+    The model spec is stored in the file metadata with its checksum, so a file we wrote loads
+    back exactly (a round trip ours -> file -> ours is bit-exact). `metadata` is added, except
+    the keys in MANAGED_METADATA_KEYS, which come from the model. `dtype` None keeps each
+    tensor's dtype. Nothing appears under `path` unless the whole write succeeded.
+
+    `overwrite` replaces only a model: a diffusers folder (it has model_index.json), an empty
+    folder, or a weight file (safetensors, or a torch checkpoint named as in MODEL_FILE_SUFFIXES);
+    anything else raises FileExistsError and is left alone. The new model is written next to the old one
+    and moved into place, so a failed write leaves the old model as it was.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} not in {LAYOUTS}")
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    meta = {SPEC_METADATA_KEY: pipe.spec.to_json(), "stablediff.version": __version__, **(metadata or {})}
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        _check_replaceable(path)
+    spec_json = pipe.spec.to_json()
+    meta = {k: v for k, v in (metadata or {}).items() if k not in MANAGED_METADATA_KEYS}
+    meta.update(
+        {SPEC_METADATA_KEY: spec_json, SPEC_CHECKSUM_KEY: _sha256(spec_json), VERSION_METADATA_KEY: __version__}
+    )
     if not pipe.tokenizer.is_default_vocabulary():
         meta[TOKENIZER_METADATA_KEY] = json.dumps(pipe.tokenizer.to_dict(), ensure_ascii=False)
     sds = {name: _cast(sd, dtype) for name, sd in pipe.state_dicts().items()}
     if layout == "single-file":
-        write_safetensors(
-            convert.join_single_file(sds["unet"], sds["vae"], sds["text"], pipe.spec.text_format), path, metadata=meta
-        )
+        tensors = convert.join_single_file(sds["unet"], sds["vae"], sds["text"], pipe.spec.text_format)
+        if not path.is_dir():  # nothing there, or a file: the write replaces it atomically
+            write_safetensors(tensors, path, metadata=meta)
+            return path
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # a model folder becomes a file
+        try:
+            write_safetensors(tensors, tmp, metadata=meta)
+            _move_into_place(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        os.chmod(tmp, file_mode(directory=True))  # mkdtemp makes it 0o700
         _write_diffusers(pipe, sds, tmp, meta)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.rename(tmp, path)
+        _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """Raise FileExistsError unless `path` is a model that `save(..., overwrite=True)` may replace."""
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or not any(path.iterdir()):
+            return
+        raise FileExistsError(
+            f"{path} is a folder that is not a model (no model_index.json) and not empty: refusing to replace it; "
+            "move it away or choose another target"
+        )
+    if path.is_file():
+        with contextlib.suppress(CheckpointError):
+            if detect_format(path) == "safetensors" or path.suffix.lower() in MODEL_FILE_SUFFIXES:
+                return
+    raise FileExistsError(
+        f"{path} exists and is not a model file (safetensors, or a torch checkpoint named "
+        f"{'/'.join(MODEL_FILE_SUFFIXES)}): refusing to replace it; move it away or choose another target"
+    )
+
+
+def _move_into_place(new: Path, path: Path) -> None:
+    """Rename `new` (a finished file or folder) to `path`. An old `path` is first renamed aside and
+    removed only once `new` is in place; if the second rename fails, the old one goes back."""
+    if not os.path.lexists(path):
+        os.rename(new, path)
+        return
+    aside = path.with_name(f".{path.name}.old-{secrets.token_hex(6)}")
+    os.rename(path, aside)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    try:
+        shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+    except OSError as err:  # the new model is in place; only the old copy is left behind
+        logger.warning("replaced %s but could not remove the old copy %s: %s", path, aside, err)
 
 
 def _write_json(path: Path, data: dict) -> None:

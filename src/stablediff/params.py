@@ -27,9 +27,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from stablediff.diffusion.schedules import SIGMA_SCHEDULES
+from stablediff.errors import BadFileError
+from stablediff.limits import LIMITS
 from stablediff.version import __version__
 
-SCHEDULES = ("default", "karras", "exponential")
+SCHEDULES = SIGMA_SCHEDULES  # the one list: "default" and A1111's schedule types (diffusion/schedules.py)
 
 # Our sampler names -> AUTOMATIC1111's display names (its "Sampler:" field).
 A1111_SAMPLERS = {
@@ -48,10 +51,77 @@ A1111_SAMPLERS = {
     "lcm": "LCM",
     "ddpm": "DDPM",
 }
-# "default" is each sampler's own default spacing, which is what A1111 calls "Automatic".
-A1111_SCHEDULES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+# Our schedules -> AUTOMATIC1111's "Schedule type" labels (A1111 1.10, modules/sd_schedulers.py).
+A1111_SCHEDULES = {
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "uniform": "Uniform",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "normal": "Normal",
+    "ddim": "DDIM",
+    "beta": "Beta",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
+    "polyexponential": "Polyexponential",
+}
+# What "Schedule type: Automatic" (or none) means in A1111 1.9+: the "scheduler" option of the
+# sampler's entry in modules/sd_samplers_kdiffusion.py, or, without one, the model's own
+# get_sigmas(n), which is "Uniform". A1111's DDIM, PLMS and UniPC are timestep samplers that ignore
+# the schedule type (timesteps 1 + k * (1000 // steps), our "default" for DDIM/PLMS); its LCM spaces
+# its own 50-step grid. Those four (and DDPM, which A1111 lacks) read as our "default".
+A1111_AUTOMATIC = {
+    "dpmpp_2m": "karras",
+    "dpmpp_sde": "karras",
+    "dpmpp_2s_a": "karras",
+    "dpm2": "karras",
+    "dpmpp_2m_sde": "exponential",
+    "euler_a": "uniform",
+    "euler": "uniform",
+    "lms": "uniform",
+    "heun": "uniform",
+    "ddim": "default",
+    "plms": "default",
+    "unipc": "default",
+    "lcm": "default",
+    "ddpm": "default",
+}
+# Our "default" schedule (each sampler's diffusers spacing) written as the A1111 type with the same
+# sigmas, or the closest one (max. relative sigma difference at 4..100 steps in the comments).
+A1111_DEFAULT_AS = {
+    # the Euler family: linspace(999, 0, n) timesteps, as "Uniform"; diffusers interpolates sigma
+    # linearly at fractional timesteps, k-diffusion log-linearly (8.5e-5)
+    "euler": "uniform",
+    "euler_a": "uniform",
+    "heun": "uniform",
+    "lms": "uniform",
+    "dpm2": "uniform",  # and A1111's DPM2 drops the penultimate sigma: not reproducible there
+    "dpmpp_2s_a": "uniform",
+    "dpmpp_sde": "uniform",  # k-diffusion's own discretisation: equal
+    # DPM-Solver/UniPC: round(linspace(0, 999, n + 1)) without t = 0; "SGM Uniform" is that linspace
+    # unrounded (4.8e-3). No A1111 type rounds timesteps.
+    "dpmpp_2m": "sgm_uniform",
+    "dpmpp_2m_sde": "sgm_uniform",
+    "unipc": "sgm_uniform",
+    # "leading" timesteps 1 + k * (1000 // n): "DDIM" (equal when n divides 1000; A1111's DDIM and
+    # PLMS samplers use these timesteps whatever the schedule type)
+    "ddim": "ddim",
+    "plms": "ddim",
+    "ddpm": "ddim",
+    # LCM's distillation grid has no A1111 type; A1111's LCM spaces its own 50-step grid for
+    # "Uniform" (= its "Automatic"), the closest value
+    "lcm": "uniform",
+}
+# A1111's timestep samplers, which ignore "Schedule type" (see A1111_AUTOMATIC).
+_A1111_TIMESTEP_SAMPLERS = ("ddim", "plms", "unipc")
+# A1111 keys that are read, and keys that describe the file rather than the generation.
+_A1111_READ = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
+_A1111_READ |= {"Denoising strength", "Clip skip", "CFG Rescale", "RNG", "ENSD", "Model", "Model hash", "Version"}
+# A1111's extra networks in a prompt (A1111 removes the tags before encoding the prompt).
+_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")
 
 _JSON_FORMAT = "stablediff.GenerationParams/1"
+_LIMITS = LIMITS["GenerationParams"]
 _NOT_JSON = ("init_image", "mask", "latents")  # fields with a special JSON form
 _SEED_LIMIT = 2**64
 # One "Key: value" item of the infotext's last line. A value is either a JSON string in double
@@ -108,6 +178,10 @@ class GenerationParams:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("width", "height", "steps", "batch_size"):  # upper bounds: limits.LIMITS
+            value, most = getattr(self, name), int(_LIMITS[name].hi)
+            if value is not None and value > most:
+                raise ValueError(f"{name} must be at most {most}, got {value!r}")
         for name in ("guidance_scale", "guidance_rescale", "strength"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
@@ -188,16 +262,68 @@ class GenerationParams:
         kwargs = {k: v for k, v in data.items() if k in known and k != "latents"}
         return cls(**kwargs)
 
+    # ---- the PNG record -----------------------------------------------------------------------
+
+    def to_record(self, model: str | None, model_file: str | None, model_hash: str | None) -> dict[str, Any]:
+        """The ``stablediff`` PNG chunk: these params as JSON, the model's name, file and hash.
+
+        A PNG is shared: it carries the *file names* of the model, init image and mask, never a
+        folder of the machine that made it (``model_file`` may also be a preset's name).
+        """
+        params = self.to_json_dict()
+        for name in ("init_image", "mask"):
+            if params[name] is not None:
+                params[name] = file_name(params[name])
+        return {
+            "params": params,
+            "model": model,
+            "model_hash": model_hash,
+            "model_file": None if model_file is None else file_name(model_file),
+            "version": __version__,
+        }
+
+    @classmethod
+    def from_record(cls, record: Any, source: str | os.PathLike[str]) -> tuple[GenerationParams, dict[str, Any]]:
+        """Read the ``stablediff`` chunk of a stranger's PNG: ``(params, model)``, the params
+        validated and ``model`` holding ``"model"``, ``"model_file"`` and ``"model_hash"`` (each a
+        str or None; PNGs written before ``model_file`` have an absolute ``model_path``).
+
+        Anything malformed or invalid raises BadFileError naming ``source`` and the field.
+        """
+        if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
+            raise BadFileError(f"{source}: the stablediff chunk has no 'params' object")
+        model = {"model": record.get("model"), "model_hash": record.get("model_hash")}
+        model["model_file"] = record.get("model_file", record.get("model_path"))
+        for key, value in model.items():
+            if value is not None and not isinstance(value, str):
+                raise BadFileError(f"{source}: the stablediff chunk's {key!r} must be a string, got {value!r:.60}")
+        data = record["params"]
+        if "latents" in data and data["latents"] is not None:
+            raise BadFileError(f"{source}: stored latents must be null (a PNG cannot hold them)")
+        try:
+            params = cls.from_json_dict(data).validate()
+        except BadFileError:
+            raise
+        except ValueError as err:
+            raise BadFileError(f"{source}: stored parameters are invalid: {err}") from None
+        return params, model
+
     # ---- AUTOMATIC1111 infotext ---------------------------------------------------------------
 
     def to_a1111(self, model_hash: str | None = None, model_name: str | None = None, seed: int | None = None) -> str:
         """The AUTOMATIC1111 ``parameters`` text for one image (``seed`` overrides ``self.seed``,
         e.g. for the i-th image of a batch). Fields follow A1111's order; ``None`` ones are left out
-        as A1111 does. Keys A1111 lacks: "CFG Rescale" (the CFG_Rescale_webui extension's key)."""
+        as A1111 does. Keys A1111 lacks: "CFG Rescale" (the CFG_Rescale_webui extension's key).
+
+        "Schedule type" is always a concrete A1111 type, never "Automatic" (which A1111 reads as the
+        sampler's own default): "default" is written as ``A1111_DEFAULT_AS[sampler]``. "RNG: CPU":
+        the noise is drawn from a CPU generator seeded with the seed, as A1111 draws it with that option.
+        """
+        schedule = A1111_DEFAULT_AS.get(self.sampler, self.schedule) if self.schedule == "default" else self.schedule
         items: dict[str, Any] = {
             "Steps": self.steps,
             "Sampler": A1111_SAMPLERS.get(self.sampler, self.sampler),
-            "Schedule type": A1111_SCHEDULES.get(self.schedule, self.schedule),
+            "Schedule type": A1111_SCHEDULES.get(schedule, schedule),
             "CFG scale": float(self.guidance_scale),
             "Seed": self.seed if seed is None else seed,
             "Size": None if self.width is None or self.height is None else f"{self.width}x{self.height}",
@@ -205,6 +331,7 @@ class GenerationParams:
             "Model": model_name,
             "Denoising strength": float(self.strength) if self.init_image is not None else None,
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,  # A1111 omits the default
+            "RNG": "CPU",
             "CFG Rescale": float(self.guidance_rescale) if self.guidance_rescale > 0 else None,
             "Version": f"stablediff {__version__}",
         }
@@ -214,21 +341,76 @@ class GenerationParams:
 
     @classmethod
     def from_a1111(cls, text: str) -> GenerationParams:
-        """Fields read back from A1111 text (unknown samplers/schedules are kept as written, for
-        ``validate`` to reject; images and latents are not part of the text)."""
+        """Fields read back from A1111 text, as ``read_a1111`` reads them, except that unknown
+        samplers/schedules are kept as written (for ``validate`` to reject) and the prompt is kept
+        as it is; images and latents are not part of the text."""
+        return cls._from_a1111(text, lenient=False)[0]
+
+    @classmethod
+    def read_a1111(cls, text: str) -> tuple[GenerationParams, list[str]]:
+        """The parameters of A1111 ``parameters`` text, and one line for each thing in it that they
+        do not reproduce.
+
+        "Automatic" (or no "Schedule type", as before A1111 1.9) is the schedule A1111 1.9+ picks
+        for the sampler (``A1111_AUTOMATIC``); "DPM++ 2M Karras" (before 1.9) is the sampler and the
+        schedule. Listed (nothing is dropped silently): an unknown sampler (replaced by DPM++ 2M) or
+        schedule type (replaced by the sampler's "Automatic"); every key that is not a parameter
+        here ("Hires upscale", "ADetailer model", "Lora hashes", "Eta", a nonzero "ENSD", ...); the
+        model, which is not looked up by name; A1111's GPU noise ("RNG" other than CPU, or none);
+        extra-network tags in the prompts (``<lora:..>``, removed as A1111 removes them).
+        """
+        return cls._from_a1111(text, lenient=True)
+
+    @classmethod
+    def from_png(cls, path: str | os.PathLike[str]) -> tuple[GenerationParams, list[str]]:
+        """The parameters of a PNG and what they do not reproduce: our ``stablediff`` chunk when the
+        PNG has one (``from_record``: nothing unmapped), else A1111's ``parameters`` text
+        (``read_a1111``). Raises BadFileError for a PNG with neither, or with invalid values."""
+        from stablediff.image import read_png_metadata
+
+        meta = read_png_metadata(path)
+        if meta["stablediff"] is not None:
+            return cls.from_record(meta["stablediff"], path)[0], []
+        if meta["parameters"] is None:
+            raise BadFileError(f"{path} carries no generation parameters (neither stablediff's nor A1111's)")
+        try:
+            params, unmapped = cls.read_a1111(meta["parameters"])
+            return params.validate(), unmapped
+        except ValueError as err:
+            raise BadFileError(f"{path}: A1111 parameters: {err}") from None
+
+    @classmethod
+    def _from_a1111(cls, text: str, lenient: bool) -> tuple[GenerationParams, list[str]]:
         info = parse_a1111(text)
+        unmapped: list[str] = []
         samplers = {v: k for k, v in A1111_SAMPLERS.items()}
-        schedules = {v: k for k, v in A1111_SCHEDULES.items()}
-        sampler, schedule = info.get("Sampler", "DPM++ 2M"), info.get("Schedule type", "Automatic")
-        for label in ("Karras", "Exponential"):  # before A1111 1.9: "DPM++ 2M Karras"
-            if sampler.endswith(" " + label) and sampler[: -len(label) - 1] in samplers:
-                sampler, schedule = sampler[: -len(label) - 1], label
-        params = cls(
-            prompt=info["Prompt"],
-            negative_prompt=info["Negative prompt"],
-            sampler=samplers.get(sampler, sampler),
-            schedule=schedules.get(schedule, schedule),
-        )
+        labels = {**{v: k for k, v in A1111_SCHEDULES.items()}, **{k: k for k in A1111_SCHEDULES}}
+        labels["SGMUniform"] = "sgm_uniform"  # A1111's alias
+        label, schedule_label = info.get("Sampler", "DPM++ 2M"), info.get("Schedule type", "Automatic")
+        for suffix in ("Karras", "Exponential"):  # before A1111 1.9: "DPM++ 2M Karras"
+            if label.endswith(" " + suffix) and label[: -len(suffix) - 1] in samplers:
+                label, schedule_label = label[: -len(suffix) - 1], suffix
+        sampler = samplers.get(label, label)
+        if sampler not in A1111_AUTOMATIC and lenient:
+            unmapped.append(f"Sampler: {label} (not available here; DPM++ 2M is used)")
+            sampler = "dpmpp_2m"
+        if sampler in _A1111_TIMESTEP_SAMPLERS or (sampler == "lcm" and schedule_label in ("Automatic", "Uniform")):
+            schedule = "default"  # A1111 ignores the schedule type there (see A1111_AUTOMATIC)
+        elif schedule_label == "Automatic":
+            schedule = A1111_AUTOMATIC.get(sampler, schedule_label)
+        else:
+            schedule = labels.get(schedule_label, schedule_label)
+            if schedule not in A1111_SCHEDULES and lenient:
+                schedule = A1111_AUTOMATIC[sampler]
+                shown = A1111_SCHEDULES.get(schedule, "the sampler's own")
+                unmapped.append(f"Schedule type: {schedule_label} (not available here; {shown} is used)")
+        prompts = {"prompt": info["Prompt"], "negative_prompt": info["Negative prompt"]}
+        if lenient:
+            for name, key in (("prompt", "Prompt"), ("negative_prompt", "Negative prompt")):
+                for tag in _EXTRA_NETWORK.findall(prompts[name]):
+                    unmapped.append(f"{key}: {tag} (LoRAs and hypernetworks are not supported; the tag is removed)")
+                prompts[name] = _EXTRA_NETWORK.sub("", prompts[name])
+        params = cls(**prompts, sampler=sampler, schedule=schedule)
         conversions = {
             "Steps": ("steps", int),
             "CFG scale": ("guidance_scale", float),
@@ -248,7 +430,24 @@ class GenerationParams:
             if match is None:
                 raise ValueError(f"A1111 field 'Size' must be WIDTHxHEIGHT, got {info['Size']!r}")
             params.width, params.height = int(match[1]), int(match[2])
-        return params
+        if lenient:
+            unmapped += _a1111_unread(info)
+        return params, unmapped
+
+
+def _a1111_unread(info: Mapping[str, str]) -> list[str]:
+    """What ``read_a1111`` lists besides the sampler, schedule and prompts (see there)."""
+    out = []
+    if "Model" in info or "Model hash" in info:
+        name = info.get("Model", "?") + (f", hash {info['Model hash']}" if "Model hash" in info else "")
+        out.append(f"Model: {name} (models are not looked up by name)")
+    rng = info.get("RNG", "GPU")  # A1111 writes no RNG for its default, the GPU
+    if rng != "CPU":
+        out.append(f"RNG: {rng} (A1111 drew the noise on the {rng}; here it comes from a CPU generator, as RNG: CPU)")
+    if info.get("ENSD", "0") != "0":
+        out.append(f"ENSD: {info['ENSD']} (A1111's eta noise seed delta is not supported)")
+    out += [f"{key}: {value} (not supported; ignored)" for key, value in info.items() if key not in _A1111_READ]
+    return out
 
 
 def parse_a1111(text: str) -> dict[str, str]:
@@ -278,6 +477,11 @@ def parse_a1111(text: str) -> dict[str, str]:
     for key, value in _ITEM.findall(last):
         out[key] = _unquote(value.strip())
     return out
+
+
+def file_name(path: str | os.PathLike[str]) -> str:
+    """The last part of a path written on any system (``C:\\a\\b.png`` and ``/a/b.png`` give ``b.png``)."""
+    return re.split(r"[\\/]", os.fspath(path))[-1]
 
 
 def _quote(value: object) -> str:

@@ -106,8 +106,27 @@ class StableDiffusion:
     @torch.no_grad()
     def generate(self, params: GenerationParams, callback: ProgressCallback | None = None) -> list[Image.Image]:
         """Images for `params` (resolved by `resolve_params` and validated first; nothing is computed
-        for invalid params)."""
-        return tensor_to_images(self.decode(self.sample_latents(params, callback)))
+        for invalid params). A non-finite result is a ValueError that says where it arose: in the
+        latents (sampling) or in the decoded image, and in which dtype."""
+        latents = self.sample_latents(params, callback)
+        if not torch.isfinite(latents).all():
+            raise ValueError(
+                f"the latents became non-finite (NaN or inf) during sampling, with the U-Net in {self.dtype}: "
+                "the weights may hold NaN or inf, or the guidance scale overflows"
+            )
+        images = self.decode(latents)
+        if not torch.isfinite(images).all():
+            vae_dtype = next(self.vae.parameters()).dtype
+            if vae_dtype == torch.float16:
+                raise ValueError(
+                    "the decoded image holds NaN or inf: the VAE overflowed in float16 (the latents were finite); "
+                    "run the VAE in float32 or bfloat16"
+                )
+            raise ValueError(
+                f"the decoded image became non-finite (NaN or inf) with the VAE in {vae_dtype}, although the "
+                "latents were finite: the VAE weights may hold NaN or inf"
+            )
+        return tensor_to_images(images)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch
 
 from stablediff.diffusion.denoiser import PREDICTION_TYPES
 from stablediff.diffusion.schedules import ScheduleConfig
+from stablediff.errors import BadFileError, load_json
+from stablediff.limits import LIMITS, check_config, config_from_dict
 from stablediff.models.clip import CLIPTextConfig
 from stablediff.models.unet import UNetConfig
 from stablediff.models.vae import VAEConfig
@@ -50,19 +52,24 @@ class ModelSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
+    def from_json(cls, text: str | bytes, where: str = "model spec") -> ModelSpec:
         """Inverse of ``to_json``. Specs written before the schedule became one record store its
         fields flat (``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps``); they
-        load to the same spec."""
-        d = json.loads(text)
-        d["unet"] = UNetConfig.from_dict(d["unet"])
-        d["vae"] = VAEConfig.from_dict(d["vae"])
-        d["text"] = CLIPTextConfig.from_dict(d["text"])
+        load to the same spec. The text may come from a stranger's file: every field is checked
+        (types, ``limits.LIMITS``) before anything is built, and a bad one raises BadFileError
+        naming ``where`` and the field."""
+        d = load_json(text, where)
+        if not isinstance(d, dict):
+            raise BadFileError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        for part, config in (("unet", UNetConfig), ("vae", VAEConfig), ("text", CLIPTextConfig)):
+            if part not in d:
+                raise BadFileError(f"{where}: the {part!r} config is missing")
+            d[part] = config.from_dict(d[part], f"{where}: {part}")
         legacy = {k: d.pop(k) for k in _LEGACY_SCHEDULE_KEYS if k in d}
         if "schedule" in d and legacy:
-            raise ValueError(f"a model spec has both a 'schedule' and the flat schedule keys {sorted(legacy)}")
-        d["schedule"] = ScheduleConfig(**d.get("schedule", legacy))
-        return cls(**d)
+            raise BadFileError(f"{where}: both a 'schedule' and the flat schedule keys {sorted(legacy)}")
+        d["schedule"] = config_from_dict(ScheduleConfig, d.get("schedule", legacy), f"{where}: schedule")
+        return config_from_dict(cls, d, where, nested=("unet", "vae", "text", "schedule"))
 
 
 # The schedule fields that specs written before `ModelSpec.schedule` store at the top level.
@@ -114,43 +121,74 @@ def get_preset(name: str) -> ModelSpec:
     return PRESETS[name]
 
 
-def _count(sd: dict, prefix: str) -> int:
-    """Number of consecutive integer children `prefix{i}.` present in sd."""
+def _count(sd: dict, prefix: str, limit: int | None = None) -> int:
+    """Number of consecutive integer children `prefix{i}.` present in sd (one pass over the keys);
+    more than ``limit`` is a ValueError: no real model has them."""
+    found = set()
+    for key in sd:
+        if key.startswith(prefix):
+            head = key[len(prefix) :].partition(".")[0]
+            if head.isascii() and head.isdigit() and len(head) < 9:
+                found.add(int(head))
     n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in sd):
+    while n in found:
         n += 1
+    if limit is not None and n > limit:
+        raise ValueError(f"{n} numbered blocks '{prefix}N.': more than any real model has (the limit is {limit})")
     return n
 
 
-def infer_unet_config(sd: dict[str, torch.Tensor]) -> UNetConfig:
+def _weight(sd: dict, key: str) -> torch.Tensor:
+    if key not in sd:
+        raise ValueError(f"weight {key!r} is missing")
+    return sd[key]
+
+
+def _shape(sd: dict, key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of weight ``key``: it must exist, with ``ndim`` dimensions, none of them empty."""
+    shape = tuple(_weight(sd, key).shape)
+    if len(shape) != ndim or 0 in shape:
+        raise ValueError(f"weight {key!r} has shape {shape}; expected {ndim} non-empty dimensions")
+    return shape
+
+
+# Counts of numbered blocks a file's keys may show, from LIMITS: the U-Net's input blocks (the
+# stem, then per level its res blocks and a downsampler), the VAE's levels, the text tower's layers.
+_UNET = LIMITS["UNetConfig"]
+_MAX_INPUT_BLOCKS = 1 + _UNET["channel_mult"].max_len * (int(_UNET["num_res_blocks"].hi) + 1)
+
+
+def infer_unet_config(sd: dict[str, torch.Tensor], like: UNetConfig | None = None) -> UNetConfig:
     """A UNetConfig from our-named U-Net weights. Heads cannot be seen in weights: a 1024-wide
-    context means SD 2.x (64-wide heads), anything else SD 1.x (8 heads)."""
+    context means SD 2.x (64-wide heads), anything else SD 1.x (8 heads). With ``like``, the
+    fields the weights do not show (heads, norm groups, upcasting) are taken from it instead."""
     if "input_blocks.0.0.weight" not in sd:
         raise ValueError("no U-Net weights found (expected key 'input_blocks.0.0.weight')")
-    conv_in = sd["input_blocks.0.0.weight"]
-    mc = conv_in.shape[0]
+    conv_in = _shape(sd, "input_blocks.0.0.weight", 4)
+    mc = conv_in[0]
     mult, attention, depth, res_blocks, level = [], [], 1, 0, 0
-    n_blocks = _count(sd, "input_blocks.")
+    n_blocks = _count(sd, "input_blocks.", _MAX_INPUT_BLOCKS)
     per_level = 0
     for n in range(1, n_blocks):
         if f"input_blocks.{n}.0.op.weight" in sd:
             res_blocks, per_level, level = per_level, 0, level + 1
             continue
-        out_ch = sd[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0]
+        out_ch = _shape(sd, f"input_blocks.{n}.0.out_layers.3.weight", 4)[0]
         if per_level == 0:
             mult.append(out_ch // mc)
         if f"input_blocks.{n}.1.norm.weight" in sd and level not in attention:
             attention.append(level)
-            depth = _count(sd, f"input_blocks.{n}.1.transformer_blocks.")
+            depth = _count(sd, f"input_blocks.{n}.1.transformer_blocks.", int(_UNET["transformer_depth"].hi))
         per_level += 1
     res_blocks = res_blocks or per_level
-    to_k = next(v for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
+    to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    if to_k is None or to_k.ndim != 2:
+        raise ValueError("no cross-attention weights (keys ending 'attn2.to_k.weight', 2-D) found")
     context = to_k.shape[1]
-    linear = sd["middle_block.1.proj_in.weight"].ndim == 2
-    heads = {"num_heads": None, "head_dim": 64} if context == 1024 else {"num_heads": 8, "head_dim": None}
-    return UNetConfig(
-        in_channels=conv_in.shape[1],
-        out_channels=sd["out.2.weight"].shape[0],
+    linear = _weight(sd, "middle_block.1.proj_in.weight").ndim == 2
+    shapes = dict(
+        in_channels=conv_in[1],
+        out_channels=_shape(sd, "out.2.weight", 4)[0],
         model_channels=mc,
         channel_mult=tuple(mult),
         num_res_blocks=res_blocks,
@@ -158,39 +196,45 @@ def infer_unet_config(sd: dict[str, torch.Tensor]) -> UNetConfig:
         transformer_depth=depth,
         context_dim=context,
         use_linear_proj=linear,
-        **heads,
     )
+    if like is not None:
+        return replace(like, **shapes)
+    heads = {"num_heads": None, "head_dim": 64} if context == 1024 else {"num_heads": 8, "head_dim": None}
+    return UNetConfig(**shapes, **heads)
 
 
-def infer_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
+def infer_vae_config(sd: dict[str, torch.Tensor], like: VAEConfig | None = None) -> VAEConfig:
+    """A VAEConfig from our-named VAE weights; with ``like``, norm groups and scaling factor from it."""
     if "encoder.conv_in.weight" not in sd:
         raise ValueError("no VAE weights found (expected key 'encoder.conv_in.weight')")
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = _count(sd, "encoder.down.")
-    mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    return VAEConfig(
-        in_channels=sd["encoder.conv_in.weight"].shape[1],
-        out_channels=sd["decoder.conv_out.weight"].shape[0],
+    conv_in = _shape(sd, "encoder.conv_in.weight", 4)
+    ch = conv_in[0]
+    levels = _count(sd, "encoder.down.", LIMITS["VAEConfig"]["ch_mult"].max_len)
+    mult = tuple(_shape(sd, f"encoder.down.{i}.block.0.conv1.weight", 4)[0] // ch for i in range(levels))
+    shapes = dict(
+        in_channels=conv_in[1],
+        out_channels=_shape(sd, "decoder.conv_out.weight", 4)[0],
         ch=ch,
         ch_mult=mult,
-        num_res_blocks=_count(sd, "encoder.down.0.block."),
-        z_channels=sd["post_quant_conv.weight"].shape[0],
+        num_res_blocks=_count(sd, "encoder.down.0.block.", int(LIMITS["VAEConfig"]["num_res_blocks"].hi)),
+        z_channels=_shape(sd, "post_quant_conv.weight", 4)[0],
     )
+    return VAEConfig(**shapes) if like is None else replace(like, **shapes)
 
 
 def infer_text_config(sd: dict[str, torch.Tensor], text_format: str) -> CLIPTextConfig:
     if "embeddings.token_embedding.weight" not in sd:
         raise ValueError("no text-encoder weights found (expected the token embedding)")
-    vocab, width = sd["embeddings.token_embedding.weight"].shape
+    vocab, width = _shape(sd, "embeddings.token_embedding.weight", 2)
     openclip = text_format == "openclip"
-    layers = _count(sd, "encoder.layers.")
+    layers = _count(sd, "encoder.layers.", int(LIMITS["CLIPTextConfig"]["layers"].hi))
     return CLIPTextConfig(
         vocab_size=vocab,
         width=width,
         layers=layers,
         heads=max(1, width // 64),
-        mlp_ratio=sd["encoder.layers.0.mlp.fc1.weight"].shape[0] // width,
-        max_positions=sd["embeddings.position_embedding.weight"].shape[0],
+        mlp_ratio=_shape(sd, "encoder.layers.0.mlp.fc1.weight", 2)[0] // width,
+        max_positions=_shape(sd, "embeddings.position_embedding.weight", 2)[0],
         activation="gelu" if openclip else "quick_gelu",
         skip_layers=1 if openclip and layers > 1 else 0,
     )
@@ -204,7 +248,11 @@ def infer_spec(state_dict: dict[str, torch.Tensor], prediction_type: str = "epsi
 
 
 def spec_from_parts(unet: dict, vae: dict, text: dict, text_format: str, prediction_type: str) -> ModelSpec:
-    unet_cfg, vae_cfg, text_cfg = infer_unet_config(unet), infer_vae_config(vae), infer_text_config(text, text_format)
+    """The spec an original checkpoint's three parts show. The weights are a stranger's: a missing
+    or misshapen key is a ValueError naming it, and sizes outside LIMITS a BadFileError."""
+    unet_cfg = check_config(infer_unet_config(unet), "U-Net weights")
+    vae_cfg = check_config(infer_vae_config(vae), "VAE weights")
+    text_cfg = check_config(infer_text_config(text, text_format), "text-encoder weights")
     family = "sd2" if text_format == "openclip" else "sd1"
     inpaint = unet_cfg.in_channels == 2 * vae_cfg.z_channels + 1
     return ModelSpec(

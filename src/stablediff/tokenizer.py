@@ -33,6 +33,10 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 COMPAT_MODES = ("transformers", "openai")
 FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# Bounds on what a tokenizer folder may make us allocate: the CLIP files are 0.5-3.6 MB and 49408
+# entries; the largest real BPE vocabularies have a few hundred thousand.
+MAX_FILE_BYTES = 64 << 20
+MAX_ENTRIES = 1 << 20
 
 _NAMED = ("bos_token", "eos_token", "unk_token", "pad_token")
 _NUM_MERGES = 49152 - 256 - 2  # CLIP used this many merges; the gz file holds more lines
@@ -131,25 +135,33 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike[str], *, compat: str = "transformers") -> CLIPTokenizer:
-        """Load a diffusers/transformers ``tokenizer/`` folder (vocab.json, merges.txt,
-        tokenizer_config.json, optional special_tokens_map.json)."""
+        """Load a diffusers/transformers ``tokenizer/`` folder: vocab.json + merges.txt, or (as
+        transformers 5 saves it) tokenizer.json alone; then tokenizer_config.json and the optional
+        special_tokens_map.json. vocab.json wins when a folder has both."""
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-        vocab = _read_json(folder, "vocab.json")
-        merges_path = _require(folder, "merges.txt")
-        # split("\n"), not splitlines(): the latter also breaks at characters such as U+0085.
-        lines = merges_path.read_text(encoding="utf-8").split("\n")
-        merges = [
-            _parse_merge(line.rstrip("\r"), merges_path, i + 1)
-            for i, line in enumerate(lines)
-            if line.rstrip("\r") and not (i == 0 and line.startswith("#version"))
-        ]
+        json_added = None  # the added tokens of a tokenizer.json
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            if not (folder / "vocab.json").is_file():
+                raise FileNotFoundError(f"tokenizer folder {folder} has no vocab.json (and no tokenizer.json)")
+            vocab = _read_json(folder, "vocab.json")
+            merges_path = _require(folder, "merges.txt")
+            # split("\n"), not splitlines(): the latter also breaks at characters such as U+0085.
+            lines = _read_text(merges_path).split("\n")
+            merges = [
+                _parse_merge(line.rstrip("\r"), merges_path, i + 1)
+                for i, line in enumerate(lines)
+                if line.rstrip("\r") and not (i == 0 and line.startswith("#version"))
+            ]
+            _check_vocabulary(vocab, merges, folder / "vocab.json", merges_path)
+        else:
+            vocab, merges, json_added = _read_tokenizer_json(folder / "tokenizer.json")
         config = _read_json(folder, "tokenizer_config.json")
         special_map = {}  # optional: older folders repeat the special tokens here
         if (folder / "special_tokens_map.json").exists():
             special_map = _read_json(folder, "special_tokens_map.json")
-        named, added = _special_tokens(config, special_map)
+        named, added = _special_tokens(config, special_map, json_added)
         max_length = config.get("model_max_length", 77)
         return cls(vocab, merges, **named, max_length=max_length, added_tokens=added, compat=compat)
 
@@ -349,14 +361,18 @@ def _resolve_flags(tokens: Sequence[tuple[str, bool]]) -> dict[str, bool]:
     return flags
 
 
-def _special_tokens(config: dict, special_map: dict) -> tuple[dict[str, str], dict[str, bool]]:
+def _special_tokens(
+    config: dict, special_map: dict, json_added: dict[str, dict] | None = None
+) -> tuple[dict[str, str], dict[str, bool]]:
     """Named special tokens and the added-token flags of a folder, read the way transformers reads
     them: a modern ``added_tokens_decoder`` wins; otherwise special_tokens_map.json overrides the
-    config. Tokens may be strings (``normalized`` false) or dicts with a "content" key."""
+    config, and a tokenizer.json's added tokens (``json_added``) give the flags. Tokens may be
+    strings (``normalized`` false) or dicts with a "content" key."""
     decoder = config.get("added_tokens_decoder")
     values = {k: config[k] for k in _NAMED if config.get(k) is not None}
     if decoder is None:
         values.update({k: special_map[k] for k in _NAMED if special_map.get(k) is not None})
+        decoder = json_added
     fixed = {_content(v): bool(v.get("normalized", not v.get("special", False))) for v in (decoder or {}).values()}
     named, pending = {}, []
     for key in _NAMED:
@@ -388,15 +404,77 @@ def _require(folder: Path, name: str) -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path} is {size} bytes; a tokenizer file may be at most {MAX_FILE_BYTES} bytes")
+    return path.read_text(encoding="utf-8")
+
+
 def _read_json(folder: Path, name: str) -> dict:
     path = _require(folder, name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def _check_vocabulary(vocab: dict, merges: Sequence, vocab_source: object, merges_source: object) -> None:
+    """Entry counts within MAX_ENTRIES, and a vocabulary that maps strings to ids >= 0."""
+    for what, entries, source in (("vocabulary", vocab, vocab_source), ("merge list", merges, merges_source)):
+        if len(entries) > MAX_ENTRIES:
+            raise ValueError(f"{source}: the {what} has {len(entries)} entries, more than the limit of {MAX_ENTRIES}")
+    bad = next(((t, i) for t, i in vocab.items() if type(i) is not int or i < 0), None)
+    if bad is not None:
+        raise ValueError(f"{vocab_source}: token {bad[0]!r} has id {bad[1]!r}; ids must be integers >= 0")
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, dict]]:
+    """Vocabulary, merges and added tokens (as an ``added_tokens_decoder``) of a tokenizers-library
+    ``tokenizer.json`` holding a CLIP BPE model. Merges are "a b" strings (tokenizers before 0.20)
+    or ["a", "b"] pairs (later versions)."""
+    data = _read_json(path.parent, path.name)
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else type(model).__name__
+        raise ValueError(f"{path}: model must be a BPE model (type 'BPE'), got {kind!r}")
+    if model.get("end_of_word_suffix") != "</w>":
+        raise ValueError(f"{path}: model.end_of_word_suffix is {model.get('end_of_word_suffix')!r}, not CLIP's '</w>'")
+    vocab, raw_merges, added = model.get("vocab"), model.get("merges"), data.get("added_tokens") or []
+    for key, value, typ in (
+        ("model.vocab", vocab, dict),
+        ("model.merges", raw_merges, list),
+        ("added_tokens", added, list),
+    ):
+        if not isinstance(value, typ):
+            raise ValueError(f"{path}: {key} must be a JSON {typ.__name__.replace('dict', 'object')}")
+    _check_vocabulary(vocab, raw_merges, f"{path} (model.vocab)", f"{path} (model.merges)")
+    merges = []
+    for i, merge in enumerate(raw_merges):
+        if isinstance(merge, str):
+            merges.append(_parse_merge(merge, f"{path} model.merges", i))
+        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(p, str) and p for p in merge):
+            merges.append((merge[0], merge[1]))
+        else:
+            raise ValueError(f'{path}: model.merges[{i}] must be "a b" or ["a", "b"], got {merge!r}')
+    vocab = dict(vocab)
+    decoder: dict[str, dict] = {}
+    if len(added) > MAX_ENTRIES:
+        raise ValueError(f"{path}: added_tokens has {len(added)} entries, more than the limit of {MAX_ENTRIES}")
+    for i, token in enumerate(added):
+        content = token.get("content") if isinstance(token, dict) else None
+        token_id = token.get("id") if isinstance(token, dict) else None
+        if not isinstance(content, str) or type(token_id) is not int or token_id < 0:
+            raise ValueError(f"{path}: added_tokens[{i}] must be an object with a 'content' string and an 'id' >= 0")
+        if vocab.setdefault(content, token_id) != token_id:
+            raise ValueError(f"{path}: added token {content!r} has id {token_id} but {vocab[content]} in model.vocab")
+        decoder[str(token_id)] = token
+    return vocab, merges, decoder
 
 
 def _write_all(folder: Path, texts: Mapping[str, str]) -> None:

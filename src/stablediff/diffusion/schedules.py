@@ -27,7 +27,23 @@ from torch import Tensor
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
-SIGMA_SCHEDULES = ("default", "karras", "exponential")
+# "default": each sampler's own discretisation (its diffusers scheduler's spacing, see samplers/plan.py);
+# the others are AUTOMATIC1111's schedule types (their A1111 names), computed as A1111 / k-diffusion
+# compute them (``a1111_sigmas``).
+SIGMA_SCHEDULES = (
+    "default",
+    "karras",
+    "exponential",
+    "uniform",
+    "sgm_uniform",
+    "simple",
+    "normal",
+    "ddim",
+    "beta",
+    "kl_optimal",
+    "align_your_steps",
+    "polyexponential",
+)
 
 # Diffusers sets alphas_cumprod[-1] to this for zero-terminal-SNR schedules so that sigma_max stays
 # finite (sigma = 4096); the VE frame needs a finite sigma too.
@@ -123,7 +139,9 @@ def spaced_timesteps(
 
     The three spacings follow Table 2 of Lin et al. (2023) in diffusers' arithmetic:
 
-    * ``leading``: ``arange(steps) * (T // steps) + steps_offset``.
+    * ``leading``: ``arange(steps) * (T // steps) + steps_offset``; where that would pass T-1 (e.g.
+      T steps with SD's offset 1, on which diffusers indexes past its table) the offset is lowered
+      so that the largest timestep is T-1.
     * ``trailing``: ``round(arange(T, 0, -T / steps)) - 1`` (always starts at T-1).
     * ``linspace``: ``linspace(0, T - 1, steps)``, rounded to integers unless ``round_linspace`` is
       False (diffusers' Euler-family schedulers keep the fractional values).
@@ -143,7 +161,8 @@ def spaced_timesteps(
         values = values[::-1]
     elif spacing == "leading":
         ratio = T // n
-        values = [float(i * ratio + steps_offset) for i in range(n)][::-1]
+        offset = max(min(steps_offset, T - 1 - (n - 1) * ratio), 0)
+        values = [float(i * ratio + offset) for i in range(n)][::-1]
     else:
         values = [float(round(v)) - 1.0 for v in _arange_down(float(T), 0.0, T / steps)]
     if solver_grid and spacing != "trailing":
@@ -192,6 +211,166 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
         raise ValueError(f"n must be >= 1, got {n}")
     sigmas = [math.exp(v) for v in _linspace(math.log(sigma_max), math.log(sigma_min), n)]
     return torch.tensor([*sigmas, 0.0], dtype=torch.float64)
+
+
+def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Tensor:
+    """k-diffusion's ``get_sigmas_polyexponential``: log(sigma) runs from log(sigma_max) to
+    log(sigma_min) as ``ramp ** rho`` with ``ramp`` from 1 to 0 (rho = 1 is ``exponential_sigmas``), then 0."""
+    _check_n(n)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    sigmas = [math.exp(r**rho * (hi - lo) + lo) for r in _linspace(1.0, 0.0, n)]
+    return torch.tensor([*sigmas, 0.0], dtype=torch.float64)
+
+
+# AUTOMATIC1111's schedule types on a model's discrete sigma table ``table`` (ascending, [T], the
+# ``NoiseSchedule.sigmas``; A1111 passes k-diffusion's ``DiscreteSchedule`` of the model). Where A1111
+# spaces timesteps with ``torch.linspace`` (float32), the timesteps here are that float32 linspace too,
+# and sigma at a fractional timestep is k-diffusion's ``t_to_sigma``: log-sigma interpolation.
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+
+
+def _t_to_sigma(table: Tensor, t: Tensor) -> Tensor:
+    """k-diffusion's ``DiscreteSchedule.t_to_sigma``: exp of the log-sigma interpolation at ``t``."""
+    log_sigmas = table.to(torch.float64).log()
+    t = t.to(torch.float64)
+    low, high, w = t.floor().long(), t.ceil().long(), t - t.floor()
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+def _sigma_to_t(table: Tensor, sigma: float) -> float:
+    """k-diffusion's ``DiscreteSchedule.sigma_to_t`` (not quantized) for one sigma."""
+    log_sigmas = table.to(torch.float64).log()
+    log_sigma = math.log(sigma)
+    low = min(int((log_sigmas <= log_sigma).sum()) - 1, len(log_sigmas) - 2)
+    low = max(low, 0)
+    lo, hi = float(log_sigmas[low]), float(log_sigmas[low + 1])
+    w = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas.to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+
+def uniform_sigmas(n: int, table: Tensor) -> Tensor:
+    """A1111 "Uniform" (and "Automatic" for Euler, Euler a, LMS, Heun): k-diffusion's
+    ``DiscreteSchedule.get_sigmas(n)``, ``n`` timesteps evenly spaced from T-1 to 0, then 0."""
+    _check_n(n)
+    return _append_zero(_t_to_sigma(table, torch.linspace(len(table) - 1, 0, n)))
+
+
+def normal_sigmas(n: int, table: Tensor, sgm: bool = False) -> Tensor:
+    """A1111 "Normal": ``n`` timesteps evenly spaced from ``sigma_to_t(sigma_max)`` to
+    ``sigma_to_t(sigma_min)`` (on the model's own range: the same sigmas as "Uniform"), then 0.
+    ``sgm=True`` is "SGM Uniform": ``n + 1`` such timesteps without the last."""
+    _check_n(n)
+    start, end = _sigma_to_t(table, float(table[-1])), _sigma_to_t(table, float(table[0]))
+    t = torch.linspace(start, end, n + 1)[:-1] if sgm else torch.linspace(start, end, n)
+    return _append_zero(_t_to_sigma(table, t))
+
+
+def sgm_uniform_sigmas(n: int, table: Tensor) -> Tensor:
+    """A1111 "SGM Uniform": ``n + 1`` timesteps evenly spaced from T-1 to 0, the last dropped, then 0."""
+    return normal_sigmas(n, table, sgm=True)
+
+
+def simple_sigmas(n: int, table: Tensor) -> Tensor:
+    """A1111 "Simple": every (T / n)-th entry of the table from the top
+    (``table[-(1 + int(i * T / n))]``), then 0."""
+    _check_n(n)
+    stride = len(table) / n
+    return _append_zero(torch.stack([table[-(1 + int(i * stride))] for i in range(n)]))
+
+
+def ddim_uniform_sigmas(n: int, table: Tensor) -> Tensor:
+    """A1111 "DDIM": the table at timesteps ``1, 1 + k, 1 + 2k, ..`` below T with ``k = max(T // n, 1)``
+    (SD's "leading" timesteps with ``steps_offset=1``), descending, then 0. That is ``ceil((T - 1) / k)``
+    sigmas: ``n`` when ``n`` divides T, more otherwise (8 for n = 7), as in A1111."""
+    _check_n(n)
+    stride = max(len(table) // n, 1)
+    return _append_zero(table[1::stride].flip(0))
+
+
+def beta_sigmas(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """A1111 "Beta" (Lee et al. 2024, "Beta Sampling is All You Need"): ``sigma_min + (sigma_max -
+    sigma_min) * q`` where ``q`` are the Beta(alpha, beta) quantiles (scipy's ``betaincinv``, which
+    is ``scipy.stats.beta.ppf``) of ``1 - linspace(0, 1, n)``; then 0. A1111's defaults are 0.6, 0.6."""
+    _check_n(n)
+    from scipy.special import betaincinv  # a run-time dependency (torchsde needs it too); only used here
+
+    quantiles = [float(betaincinv(alpha, beta, 1.0 - p)) for p in _linspace(0.0, 1.0, n)]
+    sigmas = [sigma_min + q * (sigma_max - sigma_min) for q in quantiles]
+    return torch.tensor([*sigmas, 0.0], dtype=torch.float64)
+
+
+def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """A1111 "KL Optimal" (the KL-optimal schedule of Sabour et al. 2024, "Align Your Steps"):
+    ``tan`` of ``n + 1`` angles evenly spaced from ``atan(sigma_max)`` to ``atan(sigma_min)``. As in
+    A1111 there is no appended 0: the last step lands on ``sigma_min`` (its latent is decoded as it is)."""
+    _check_n(n)
+    a_min, a_max = math.atan(sigma_min), math.atan(sigma_max)
+    return torch.tensor([math.tan(i / n * a_min + (1.0 - i / n) * a_max) for i in range(n + 1)], dtype=torch.float64)
+
+
+# The 10-step schedule that Sabour et al. (2024, "Align Your Steps") optimised for SD 1.5, as
+# published (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html) and used by A1111 for
+# every model that is not SDXL.
+AYS_SD15_SIGMAS = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+
+def align_your_steps_sigmas(n: int) -> Tensor:
+    """A1111 "Align Your Steps": ``AYS_SD15_SIGMAS`` as they are for n = 11, otherwise log-linearly
+    interpolated to ``n`` values (np.interp of log(sigma) on ``linspace(0, 1, .)``); then 0."""
+    _check_n(n)
+    knots = list(AYS_SD15_SIGMAS)
+    if n == len(knots):
+        return torch.tensor([*knots, 0.0], dtype=torch.float64)
+    xs = _linspace(0.0, 1.0, len(knots))
+    ys = [math.log(v) for v in reversed(knots)]  # ascending
+    values = []
+    for x in _linspace(0.0, 1.0, n):
+        j = min(max(sum(1 for k in xs if k <= x) - 1, 0), len(xs) - 2)
+        if x >= xs[-1]:
+            y = ys[-1]
+        else:
+            y = (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j]) * (x - xs[j]) + ys[j]
+        values.append(math.exp(y))
+    return torch.tensor([*reversed(values), 0.0], dtype=torch.float64)
+
+
+def a1111_sigmas(name: str, n: int, table: Tensor, rho: float | None = None) -> Tensor:
+    """The sigmas (float64, descending) of AUTOMATIC1111's schedule type ``name`` for ``n`` steps on a
+    model with the ascending sigma table ``table``, computed as A1111 1.10 computes them with the
+    model's own ``sigma_min = table[0]`` and ``sigma_max = table[-1]``. ``rho`` overrides Karras' 7 and
+    Polyexponential's 1. Ends with 0, except "kl_optimal" (ends at sigma_min); "ddim" may return more
+    than ``n`` steps (see ``ddim_uniform_sigmas``)."""
+    lo, hi = float(table[0]), float(table[-1])
+    if name == "karras":
+        return karras_sigmas(n, lo, hi, 7.0 if rho is None else rho)
+    if name == "exponential":
+        return exponential_sigmas(n, lo, hi)
+    if name == "polyexponential":
+        return polyexponential_sigmas(n, lo, hi, 1.0 if rho is None else rho)
+    if name == "beta":
+        return beta_sigmas(n, lo, hi)
+    if name == "kl_optimal":
+        return kl_optimal_sigmas(n, lo, hi)
+    if name == "align_your_steps":
+        return align_your_steps_sigmas(n)
+    on_table = {
+        "uniform": uniform_sigmas,
+        "sgm_uniform": sgm_uniform_sigmas,
+        "normal": normal_sigmas,
+        "simple": simple_sigmas,
+        "ddim": ddim_uniform_sigmas,
+    }
+    if name not in on_table:
+        raise ValueError(f"unknown A1111 schedule type {name!r}; valid choices: {', '.join(SIGMA_SCHEDULES[1:])}")
+    return on_table[name](n, table)
 
 
 # --------------------------------------------------------------------------------------------

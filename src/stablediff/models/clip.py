@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stablediff.limits import config_from_dict
 from stablediff.nn import attention
 
 ACTIVATIONS = {
@@ -49,8 +50,9 @@ class CLIPTextConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> CLIPTextConfig:
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "CLIPTextConfig") -> CLIPTextConfig:
+        """From JSON data, checked (types, LIMITS); BadFileError naming ``where`` otherwise."""
+        return config_from_dict(cls, d, where)
 
 
 class Embeddings(nn.Module):

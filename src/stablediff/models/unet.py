@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stablediff.limits import config_from_dict
 from stablediff.nn import GroupNorm32, attention, attention_with_maps, timestep_embedding, zero_module
 
 
@@ -39,6 +40,8 @@ class UNetConfig:
             raise ValueError(
                 f"UNetConfig needs exactly one of num_heads / head_dim, got {self.num_heads} / {self.head_dim}"
             )
+        if not self.channel_mult:
+            raise ValueError("channel_mult is empty: a U-Net needs at least one level")
         levels = range(len(self.channel_mult))
         bad = [lvl for lvl in self.attention_levels if lvl not in levels]
         if bad:
@@ -48,6 +51,12 @@ class UNetConfig:
                 raise ValueError(
                     f"channels {self.model_channels * mult} not divisible by norm_groups {self.norm_groups}"
                 )
+        # Levels with attention, and the middle block (always attention, at the deepest level).
+        for level in {*self.attention_levels, len(self.channel_mult) - 1}:
+            channels = self.model_channels * self.channel_mult[level]
+            heads = self.heads_for(channels)
+            if heads < 1 or channels % heads:
+                raise ValueError(f"{channels} channels at level {level} cannot be split into {heads} attention heads")
 
     def heads_for(self, channels: int) -> int:
         if self.num_heads is not None:
@@ -58,11 +67,9 @@ class UNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        d = dict(d)
-        d["channel_mult"] = tuple(d["channel_mult"])
-        d["attention_levels"] = tuple(d["attention_levels"])
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "UNetConfig") -> UNetConfig:
+        """From JSON data, checked (types, LIMITS); BadFileError naming ``where`` otherwise."""
+        return config_from_dict(cls, d, where)
 
 
 class ResBlock(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stablediff.limits import config_from_dict
 from stablediff.nn import GroupNorm32, attention
 
 
@@ -38,8 +39,9 @@ class VAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        return cls(**{**d, "ch_mult": tuple(d["ch_mult"])})
+    def from_dict(cls, d: dict, where: str = "VAEConfig") -> VAEConfig:
+        """From JSON data, checked (types, LIMITS); BadFileError naming ``where`` otherwise."""
+        return config_from_dict(cls, d, where)
 
 
 def _norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from stablediff.errors import BadFileError, load_json
 from stablediff.train.config import TrainConfig
 from stablediff.weights.io import CheckpointError, atomic_write_text, read_state_dict, write_safetensors
 
@@ -181,6 +182,12 @@ def save_checkpoint(
         _fsync_dir(root)
         _pause()
         atomic_write_text(final / MARKER, f"step {step}\n")  # fsyncs the file and the folder
+    except OSError as err:  # a full disk, a quota, a vanished folder: say where, and what is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"; the previous checkpoint {previous} is intact" if previous else "; no earlier checkpoint exists"
+        why = f"could not write the checkpoint of step {step} to {final}: {err.strerror or err}{kept}"
+        raise (OSError(err.errno, why) if err.errno else OSError(why)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -245,9 +252,9 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint file {path} is not valid JSON: {err}") from None
+        return load_json(path.read_bytes(), f"checkpoint file {path}")
+    except BadFileError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def resolve_checkpoint(run_dir: Path, resume: str | os.PathLike[str]) -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stablediff.errors import load_json
 from stablediff.loading import load_pipeline
 from stablediff.models.clip import CLIPTextConfig, CLIPTextModel
 from stablediff.models.vae import AutoencoderKL, VAEConfig
@@ -86,7 +87,8 @@ def read_part(part: Part, path: str | Path, device: torch.device | str = "cpu") 
             f"{path} has no {part.config_key!r} metadata: not a {part.label} written by the {part.stage} stage"
         )
     with torch.device("meta"):
-        module = part.module_class(part.config_class.from_dict(json.loads(meta[part.config_key])))
+        where = f"{path}: metadata {part.config_key!r}"
+        module = part.module_class(part.config_class.from_dict(load_json(meta[part.config_key], where), where))
     load_strict(module, read_state_dict(path), f"{part.label} {path}", device=device)
     return module.eval()
 

@@ -313,23 +313,95 @@ def text_ours_to_transformers(sd: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # diffusers / transformers config.json <-> our config fields (plain dicts: no model import).
+# The configs are strangers' JSON: every value read is type-checked here (ValueError naming the
+# key); the sizes are then checked against limits.LIMITS by the caller, which names the file.
+
+# Our config fields -> the config.json keys they come from, for error messages.
+UNET_DIFFUSERS_KEYS = {
+    "model_channels": "block_out_channels",
+    "channel_mult": "block_out_channels",
+    "channels": "block_out_channels",
+    "num_res_blocks": "layers_per_block",
+    "attention_levels": "down_block_types",
+    "num_heads": "attention_head_dim",
+    "head_dim": "attention_head_dim",
+    "transformer_depth": "transformer_layers_per_block",
+    "context_dim": "cross_attention_dim",
+    "use_linear_proj": "use_linear_projection",
+    "norm_groups": "norm_num_groups",
+}
+VAE_DIFFUSERS_KEYS = {
+    "ch": "block_out_channels",
+    "ch_mult": "block_out_channels",
+    "channels": "block_out_channels",
+    "num_res_blocks": "layers_per_block",
+    "z_channels": "latent_channels",
+    "norm_groups": "norm_num_groups",
+}
+TEXT_TRANSFORMERS_KEYS = {
+    "width": "hidden_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "mlp_ratio": "intermediate_size",
+    "max_positions": "max_position_embeddings",
+    "activation": "hidden_act",
+}
+
+
+def _get(c: dict, key: str, default, kind: str):
+    """``c[key]`` (or ``default``) checked to be of ``kind``: "int" (>= 1), "ints" (a non-empty list
+    of ints >= 1), "strs", "str", "flag" (true, false or null), "number"."""
+    value = c.get(key, default)
+    if kind == "int":
+        ok = type(value) is int and value >= 1
+    elif kind == "ints":
+        ok = isinstance(value, (list, tuple)) and value and all(type(v) is int and v >= 1 for v in value)
+    elif kind == "strs":
+        ok = isinstance(value, (list, tuple)) and all(type(v) is str for v in value)
+    elif kind == "str":
+        ok = type(value) is str
+    elif kind == "flag":
+        ok = value is None or type(value) is bool
+    elif kind == "number":
+        ok = type(value) in (int, float)
+    else:
+        raise TypeError(f"unknown kind {kind!r}")
+    if not ok:
+        want = {
+            "int": "an integer >= 1",
+            "ints": "a non-empty list of integers >= 1",
+            "strs": "a list of strings",
+            "str": "a string",
+            "flag": "true or false",
+            "number": "a number",
+        }[kind]
+        raise ValueError(f"{key} must be {want}, got {value!r:.60}")
+    return bool(value) if kind == "flag" else value
 
 
 def unet_config_from_diffusers(c: dict) -> dict:
-    blocks = list(c.get("block_out_channels", (320, 640, 1280, 1280)))
+    if not isinstance(c, dict):
+        raise ValueError(f"a U-Net config must be a JSON object, got {type(c).__name__}")
+    blocks = list(_get(c, "block_out_channels", (320, 640, 1280, 1280), "ints"))
     mc = blocks[0]
     if any(b % mc for b in blocks):
         raise ValueError(f"block_out_channels {blocks} are not multiples of the first")
-    down = c.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    down = _get(c, "down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "strs")
+    if len(down) != len(blocks):
+        raise ValueError(f"{len(down)} down_block_types for {len(blocks)} block_out_channels")
     layers = c.get("layers_per_block", 2)
-    if not isinstance(layers, int):
-        raise ValueError(f"per-level layers_per_block {layers} is not supported")
+    if isinstance(layers, list):
+        raise ValueError(f"per-level layers_per_block {layers!r:.60} is not supported")
+    layers = _get(c, "layers_per_block", 2, "int")
     # diffusers' `attention_head_dim` is, despite its name, the number of heads (a known misnomer);
     # `num_attention_heads` takes precedence when set.
-    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    key = "num_attention_heads" if c.get("num_attention_heads") else "attention_head_dim"
+    heads = _get(c, key, 8, "ints" if isinstance(c.get(key), (list, tuple)) else "int")
     if isinstance(heads, int):
         heads_fields = {"num_heads": heads, "head_dim": None}
     else:
+        if len(heads) != len(blocks):
+            raise ValueError(f"{key} has {len(heads)} entries for {len(blocks)} block_out_channels")
         widths = {b // h for b, h in zip(blocks, heads, strict=True)}
         same_heads = len(set(heads)) == 1
         if same_heads:
@@ -339,21 +411,21 @@ def unet_config_from_diffusers(c: dict) -> dict:
         else:
             raise ValueError(f"attention_head_dim {heads} is neither constant heads nor constant head width")
     depth = c.get("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        raise ValueError(f"per-level transformer_layers_per_block {depth} is not supported")
+    if isinstance(depth, list):
+        raise ValueError(f"per-level transformer_layers_per_block {depth!r:.60} is not supported")
     return {
-        "in_channels": c.get("in_channels", 4),
-        "out_channels": c.get("out_channels", 4),
+        "in_channels": _get(c, "in_channels", 4, "int"),
+        "out_channels": _get(c, "out_channels", 4, "int"),
         "model_channels": mc,
         "channel_mult": tuple(b // mc for b in blocks),
         "num_res_blocks": layers,
         "attention_levels": tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn")),
         **heads_fields,
-        "transformer_depth": depth,
-        "context_dim": c.get("cross_attention_dim", 768),
-        "use_linear_proj": bool(c.get("use_linear_projection", False)),
-        "upcast_attention": bool(c.get("upcast_attention", False)),
-        "norm_groups": c.get("norm_num_groups", 32),
+        "transformer_depth": _get(c, "transformer_layers_per_block", 1, "int"),
+        "context_dim": _get(c, "cross_attention_dim", 768, "int"),
+        "use_linear_proj": _get(c, "use_linear_projection", False, "flag"),
+        "upcast_attention": _get(c, "upcast_attention", False, "flag"),
+        "norm_groups": _get(c, "norm_num_groups", 32, "int"),
     }
 
 
@@ -386,17 +458,21 @@ def unet_config_to_diffusers(u: dict) -> dict:
 
 
 def vae_config_from_diffusers(c: dict) -> dict:
-    blocks = list(c.get("block_out_channels", (128, 256, 512, 512)))
+    if not isinstance(c, dict):
+        raise ValueError(f"a VAE config must be a JSON object, got {type(c).__name__}")
+    blocks = list(_get(c, "block_out_channels", (128, 256, 512, 512), "ints"))
     ch = blocks[0]
+    if any(b % ch for b in blocks):
+        raise ValueError(f"block_out_channels {blocks} are not multiples of the first")
     return {
-        "in_channels": c.get("in_channels", 3),
-        "out_channels": c.get("out_channels", 3),
+        "in_channels": _get(c, "in_channels", 3, "int"),
+        "out_channels": _get(c, "out_channels", 3, "int"),
         "ch": ch,
         "ch_mult": tuple(b // ch for b in blocks),
-        "num_res_blocks": c.get("layers_per_block", 2),
-        "z_channels": c.get("latent_channels", 4),
-        "norm_groups": c.get("norm_num_groups", 32),
-        "scaling_factor": c.get("scaling_factor", 0.18215),
+        "num_res_blocks": _get(c, "layers_per_block", 2, "int"),
+        "z_channels": _get(c, "latent_channels", 4, "int"),
+        "norm_groups": _get(c, "norm_num_groups", 32, "int"),
+        "scaling_factor": _get(c, "scaling_factor", 0.18215, "number"),
     }
 
 
@@ -418,18 +494,24 @@ def vae_config_to_diffusers(v: dict) -> dict:
 
 
 def text_config_from_transformers(c: dict) -> dict:
-    act = c.get("hidden_act", "quick_gelu")
+    if not isinstance(c, dict):
+        raise ValueError(f"a text-encoder config must be a JSON object, got {type(c).__name__}")
+    act = _get(c, "hidden_act", "quick_gelu", "str")
     if act == "gelu_pytorch_tanh":
         raise ValueError("hidden_act gelu_pytorch_tanh is not a CLIP text tower activation we support")
+    width = _get(c, "hidden_size", 768, "int")
+    intermediate = _get(c, "intermediate_size", 3072, "int")
+    if intermediate % width:
+        raise ValueError(f"intermediate_size {intermediate} is not a multiple of hidden_size {width}")
     return {
-        "vocab_size": c.get("vocab_size", 49408),
-        "width": c.get("hidden_size", 768),
-        "layers": c.get("num_hidden_layers", 12),
-        "heads": c.get("num_attention_heads", 12),
-        "mlp_ratio": c.get("intermediate_size", 3072) // c.get("hidden_size", 768),
-        "max_positions": c.get("max_position_embeddings", 77),
+        "vocab_size": _get(c, "vocab_size", 49408, "int"),
+        "width": width,
+        "layers": _get(c, "num_hidden_layers", 12, "int"),
+        "heads": _get(c, "num_attention_heads", 12, "int"),
+        "mlp_ratio": intermediate // width,
+        "max_positions": _get(c, "max_position_embeddings", 77, "int"),
         "activation": act,
-        "layer_norm_eps": c.get("layer_norm_eps", 1e-5),
+        "layer_norm_eps": _get(c, "layer_norm_eps", 1e-5, "number"),
         "skip_layers": 0,
     }
 

@@ -20,13 +20,16 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from typing import Union
 
+import safetensors
 import safetensors.torch
 import torch
 
+from stablediff.errors import BadFileError
 from stablediff.weights.unpickle import RefusedCheckpoint, load_legacy_pickle, load_torch_zip
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "write_safetensors",
     "atomic_write_bytes",
     "atomic_write_text",
+    "current_umask",
+    "file_mode",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -71,7 +76,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadFileError):
     """A weight file is missing, unreadable, malformed or unsafe; the message names the path."""
 
 
@@ -162,10 +167,13 @@ def _safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{path}: safetensors header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header is JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
 
@@ -174,7 +182,7 @@ def _safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: tensor {name!r}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(_ST_DTYPES)})"
             )
@@ -267,6 +275,27 @@ def read_metadata(path: PathLike) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # Writing
+def current_umask() -> int:
+    """The process umask, read without changing it where possible (Linux: /proc/self/status).
+
+    Elsewhere it is set and restored at once, which another thread creating a file in between
+    could notice; that is the only portable way.
+    """
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode ``open()`` or ``mkdir()`` would give a new file or folder: 0o666 (0o777) less the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def _make_temp(folder: str, base: str) -> str:
     """Create an empty, uniquely named file next to the target (O_EXCL, mode 0o666 & ~umask)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -296,13 +325,16 @@ def _atomic_target(path: PathLike) -> Iterator[str]:
     """Yield a temp path in the target's folder; on success rename it onto ``path``.
 
     The body must write and fsync the temp file. On any exception the temp file is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was. The file gets the mode the umask gives a new file (writers such as
+    the safetensors library create theirs 0o600).
     """
     final = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(final))
     tmp = _make_temp(folder, os.path.basename(final))
     try:
         yield tmp
+        if os.name == "posix":
+            os.chmod(tmp, file_mode())
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -364,6 +396,19 @@ def write_safetensors(
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise TypeError("safetensors metadata must map str to str")
     with _atomic_target(path) as tmp:
-        safetensors.torch.save_file(prepared, tmp, metadata=meta or None)
+        try:
+            safetensors.torch.save_file(prepared, tmp, metadata=meta or None)
+        except safetensors.SafetensorError as exc:  # a full disk, a quota: the library's own error type
+            raise _write_error(path, exc) from exc
         with open(tmp, "rb+") as f:  # the library closed its own handle; fsync through ours
             os.fsync(f.fileno())
+
+
+def _write_error(path: PathLike, exc: Exception) -> OSError:
+    """An OSError naming ``path`` for a failed safetensors write, with the errno the library reports
+    (its message ends "(os error 28)" for a full disk)."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return OSError(f"cannot write {os.fspath(path)}: {exc}")
+    code = int(found.group(1))
+    return OSError(code, f"cannot write {os.fspath(path)}: {os.strerror(code)}")

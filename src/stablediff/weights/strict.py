@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stablediff.errors import BadFileError
 
-class WeightMismatchError(ValueError):
-    """The weights do not fit the model: names the first bad key and both shapes."""
+
+class WeightMismatchError(BadFileError):
+    """The weights do not fit the model: names the first bad key and both shapes (or dtypes)."""
 
 
 def check_state_dict(
@@ -29,6 +31,11 @@ def check_state_dict(
             raise WeightMismatchError(
                 f"{what}: key {key!r} has shape {tuple(given[key].shape)} in the checkpoint "
                 f"but {tuple(ref.shape)} in the model"
+            )
+        if given[key].is_floating_point() != ref.is_floating_point():  # an integer tensor for a weight
+            raise WeightMismatchError(
+                f"{what}: key {key!r} has dtype {given[key].dtype} in the checkpoint but the model needs "
+                f"{'a floating-point' if ref.is_floating_point() else 'a non-floating'} dtype like {ref.dtype}"
             )
     unexpected = [k for k in given if k not in expected]
     if unexpected:

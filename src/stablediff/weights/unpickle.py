@@ -33,6 +33,17 @@ manager, both of which change process-wide torch state (and need those packages 
 its error wording changes between torch versions; and it calls torch's own rebuild functions
 with the file's arguments. This module depends on no torch internals beyond the public tensor API.
 
+Memory: a tensor is a view of the bytes of its storage and never holds more elements than its
+storage has bytes for, so a stride-0 or overlapping view (which would turn a few bytes into
+gigabytes as soon as anything copies it) is refused, as is a device tensor whose dtype differs from
+its data's (torch writes the same dtype; converting would materialise a copy). All the tensors of
+one load together may not hold more than ``_VIEW_FACTOR`` times the bytes of the storages read
+(tied weights and slices of a fused tensor share storage) plus ``_PER_STORAGE`` per storage and
+``_SLACK``, each tensor counting ``_PER_TENSOR`` bytes more. Storage sizes are checked against the
+file before anything is allocated: a zip entry must hold exactly the bytes the pickle expects, no
+two zip entries may overlap (one compressed block listed a thousand times would otherwise be read a
+thousand times), and a legacy file's storages may not add up to more than the file.
+
 Errors are raised as :class:`RefusedCheckpoint` (no path); ``io.py`` turns them into
 ``CheckpointError`` with the path.
 """
@@ -40,8 +51,10 @@ Errors are raised as :class:`RefusedCheckpoint` (no path); ``io.py`` turns them 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
+import struct
 import zipfile
 from collections.abc import Callable
 from typing import IO, Any
@@ -79,6 +92,11 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 _INERT_MODULE_PREFIXES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "numpy")
 _INERT_GLOBALS = {("argparse", "Namespace"), ("typing", "Any")}
 _CHUNK = 16 << 20  # bytes copied per read, so a storage never needs a second full-size buffer
+_VIEW_FACTOR = 4  # all tensors of a load may hold this many times the bytes of its storages ...
+_PER_STORAGE = 2048  # ... plus this much per storage ...
+_SLACK = 1 << 20  # ... plus this much, where each tensor also costs _PER_TENSOR (object, shape, strides)
+_PER_TENSOR = 512
+_MAX_PICKLE = 64 << 20  # a state dict's data.pkl is kilobytes to a few megabytes
 
 
 class _Marker:
@@ -144,13 +162,37 @@ class InertObject:
         return f"<inert placeholder for {self.origin}>"
 
 
+class _Budget:
+    """The bytes one load has read into storages, and those its tensors hold (see the docstring)."""
+
+    __slots__ = ("storage_bytes", "storages", "tensor_bytes")
+
+    def __init__(self) -> None:
+        self.storage_bytes = self.storages = self.tensor_bytes = 0
+
+    def add_storage(self, nbytes: int) -> None:
+        self.storage_bytes += nbytes
+        self.storages += 1
+
+    def charge(self, nbytes: int) -> None:
+        self.tensor_bytes += nbytes + _PER_TENSOR
+        limit = _VIEW_FACTOR * self.storage_bytes + _PER_STORAGE * self.storages + _SLACK
+        if self.tensor_bytes > limit:
+            raise RefusedCheckpoint(
+                f"the tensors would hold {self.tensor_bytes} bytes, more than the {self.storage_bytes} bytes "
+                f"of the file's {self.storages} storages allow (at most {limit}): a memory bomb, or views "
+                "of one storage repeated many times"
+            )
+
+
 class _Storage:
     """Raw bytes of one saved storage; tensors are strided views of ``data`` (uint8, 1-D)."""
 
-    __slots__ = ("key", "dtype", "nbytes", "data", "filled")
+    __slots__ = ("key", "dtype", "nbytes", "data", "filled", "budget")
 
-    def __init__(self, key: str, dtype: torch.dtype, nbytes: int, data: torch.Tensor) -> None:
+    def __init__(self, key: str, dtype: torch.dtype, nbytes: int, data: torch.Tensor, budget: _Budget) -> None:
         self.key, self.dtype, self.nbytes, self.data, self.filled = key, dtype, nbytes, data, False
+        self.budget = budget
 
     def view(self, dtype: torch.dtype, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
         item = dtype.itemsize
@@ -158,6 +200,9 @@ class _Storage:
             raise RefusedCheckpoint(f"storage {self.key!r} has {self.nbytes} bytes, not a whole number of {dtype}")
         numel = self.nbytes // item
         if 0 in size:
+            if math.prod(s for s in size if s) >= 1 << 62:
+                raise RefusedCheckpoint(f"tensor size {list(size)} is absurd")
+            self.budget.charge(0)
             return torch.empty(size, dtype=dtype)
         last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
         if last >= numel:
@@ -165,13 +210,20 @@ class _Storage:
                 f"tensor of size {list(size)}, stride {list(stride)} and offset {offset} reaches element "
                 f"{last} of storage {self.key!r}, which has only {numel} elements of {dtype}"
             )
+        want = math.prod(size) * item
+        if want > self.nbytes:  # only a stride-0 or overlapping view has more elements than its storage
+            raise RefusedCheckpoint(
+                f"tensor of size {list(size)} and stride {list(stride)} would hold {want} bytes but its storage "
+                f"{self.key!r} has only {self.nbytes}: a stride-0 or overlapping view (a memory bomb) is refused"
+            )
+        self.budget.charge(want)
         return torch.as_strided(self.data.view(dtype), size, stride, offset)
 
 
 # ---------------------------------------------------------------------------------------------
 # Our replacements for the globals a torch pickle uses. Each checks its argument types.
 def _ints(value: object, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v < 1 << 62 for v in value):
         raise RefusedCheckpoint(f"tensor {what} must be a tuple of non-negative ints, got {value!r:.80}")
     return tuple(value)
 
@@ -215,9 +267,11 @@ def _rebuild_from_type(func, new_type, args, state=None):
 
 
 def _rebuild_device_tensor(data, dtype, device=None, requires_grad=False):
-    if not isinstance(dtype, torch.dtype):
-        raise RefusedCheckpoint(f"bad dtype {dtype!r:.40}")
-    return _tensor_arg(data).to(dtype)  # stays on the CPU; read_state_dict moves it
+    # torch writes (tensor.cpu(), tensor.dtype, ...): the dtype is the data's own. A different one
+    # would make a converted copy here, as large as the file asks.
+    if not isinstance(dtype, torch.dtype) or dtype != _tensor_arg(data).dtype:
+        raise RefusedCheckpoint(f"device tensor of dtype {dtype!r:.40} rebuilt from data of another dtype")
+    return data  # stays on the CPU; read_state_dict moves it
 
 
 def _device(*args: object) -> torch.device:
@@ -359,6 +413,35 @@ def _read_exact(f: IO[bytes], storage: _Storage) -> None:
     storage.filled = True
 
 
+def _check_zip_layout(zf: zipfile.ZipFile, path: str) -> None:
+    """Refuse duplicate names and entries whose bytes overlap (each must own its local header and
+    data, all before the central directory): otherwise one compressed block listed many times
+    would be decompressed once per listing."""
+    names = zf.namelist()
+    if len(set(names)) != len(names):
+        raise RefusedCheckpoint("zip archive lists the same entry name twice")
+    spans = []
+    with open(path, "rb") as f:
+        for info in zf.infolist():
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise RefusedCheckpoint(f"zip entry {info.filename!r} has no local header at byte {info.header_offset}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+            spans.append((info.header_offset, end, info.filename))
+    covered, owner = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < covered:
+            raise RefusedCheckpoint(
+                f"zip entries {owner!r} and {name!r} overlap (bytes from {begin} are claimed twice): "
+                "a decompression bomb, or a damaged archive"
+            )
+        covered, owner = end, name
+    if covered > zf.start_dir:
+        raise RefusedCheckpoint(f"zip entry {owner!r} runs into the archive's central directory")
+
+
 def load_torch_zip(path: str) -> object:
     """Unpickle the top-level object of a zip-format ``torch.save`` file (tensors on the CPU)."""
     archive_size = os.path.getsize(path)
@@ -367,6 +450,7 @@ def load_torch_zip(path: str) -> object:
     except zipfile.BadZipFile as exc:
         raise RefusedCheckpoint(f"not a readable zip archive ({exc}); the download may be truncated") from exc
     with zf:
+        _check_zip_layout(zf, path)
         names = zf.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pickles:
@@ -376,9 +460,16 @@ def load_torch_zip(path: str) -> object:
         prefix = (first if first in pickles else pickles[0])[: -len("data.pkl")]
         if any(n.startswith(prefix + "code/") for n in names):
             raise RefusedCheckpoint("this is a TorchScript archive (torch.jit.save), not a state dict")
-        if prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() not in (b"", b"little"):
-            raise RefusedCheckpoint("big-endian checkpoints are not supported")
+        if prefix + "byteorder" in names:
+            if zf.getinfo(prefix + "byteorder").file_size > 16:
+                raise RefusedCheckpoint("the byteorder entry is not 'little' or 'big'")
+            if zf.read(prefix + "byteorder").strip() not in (b"", b"little"):
+                raise RefusedCheckpoint("big-endian checkpoints are not supported")
+        pickle_size = zf.getinfo(prefix + "data.pkl").file_size
+        if pickle_size > _MAX_PICKLE:
+            raise RefusedCheckpoint(f"data.pkl is {pickle_size} bytes; a state dict's pickle is under {_MAX_PICKLE}")
         storages: dict[str, _Storage] = {}
+        budget = _Budget()
 
         def load_storage(pid: tuple) -> _Storage:
             dtype, key, nbytes = _storage_spec(pid, 5)
@@ -399,10 +490,11 @@ def load_torch_zip(path: str) -> object:
                 raise RefusedCheckpoint(
                     f"storage entry {entry!r} holds {info.file_size} bytes, the pickle expects {nbytes}"
                 )
-            storage = _Storage(key, dtype, nbytes, torch.empty(nbytes, dtype=torch.uint8))
+            storage = _Storage(key, dtype, nbytes, torch.empty(nbytes, dtype=torch.uint8), budget)
             with zf.open(info) as f:
                 _read_exact(f, storage)
             storages[key] = storage
+            budget.add_storage(nbytes)
             return storage
 
         with zf.open(prefix + "data.pkl") as f:
@@ -433,6 +525,7 @@ def load_legacy_pickle(path: str) -> object:
             raise RefusedCheckpoint("big-endian or malformed legacy checkpoint header")
 
         storages: dict[str, _Storage] = {}
+        budget = _Budget()
         total = 0
 
         def load_storage(pid: tuple) -> _Storage:
@@ -444,7 +537,8 @@ def load_legacy_pickle(path: str) -> object:
                 total += nbytes
                 if total > file_size:  # checked before allocating: sizes come from the file
                     raise RefusedCheckpoint(f"storages declare {total} bytes but the file has {file_size}")
-                storages[key] = _Storage(key, dtype, nbytes, torch.empty(nbytes, dtype=torch.uint8))
+                storages[key] = _Storage(key, dtype, nbytes, torch.empty(nbytes, dtype=torch.uint8), budget)
+                budget.add_storage(nbytes)
             root = storages[key]
             if pid[5] is None:
                 return root
@@ -452,7 +546,7 @@ def load_legacy_pickle(path: str) -> object:
             begin, end = offset * dtype.itemsize, (offset + count) * dtype.itemsize
             if type(offset) is not int or type(count) is not int or not 0 <= begin <= end <= root.nbytes:
                 raise RefusedCheckpoint(f"storage view {view_key!r:.40} lies outside storage {key!r}")
-            view = _Storage(key, dtype, end - begin, root.data[begin:end])
+            view = _Storage(key, dtype, end - begin, root.data[begin:end], budget)
             view.filled = True  # filled through its root
             return view
 

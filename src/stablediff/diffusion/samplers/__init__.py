@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .base import ancestral_step
 from .discrete import ddim, ddpm, lcm, plms
-from .k_samplers import dpm2, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_a, euler, euler_a, heun, lms
+from .k_samplers import dpm2, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_a, dpmpp_sde, euler, euler_a, heun, lms
 from .plan import CONVENTIONS, SamplingPlan, img2img_start_index, sampling_plan
 from .unipc import unipc
 
@@ -30,12 +30,13 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_2s_a": dpmpp_2s_a,
+    "dpmpp_sde": dpmpp_sde,
     "unipc": unipc,
     "lcm": lcm,
 }
 
-# Samplers that draw fresh noise on every step (they need a generator). ddim draws only with eta > 0.
-STOCHASTIC_SAMPLERS = ("ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2s_a", "lcm")
+# Samplers that draw noise on every step (they need a generator). ddim draws only with eta > 0.
+STOCHASTIC_SAMPLERS = ("ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2s_a", "dpmpp_sde", "lcm")
 
 assert set(SAMPLERS) == set(CONVENTIONS)
 
@@ -60,6 +61,7 @@ __all__ = [
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "dpmpp_2s_a",
+    "dpmpp_sde",
     "euler",
     "euler_a",
     "get_sampler",

@@ -32,6 +32,25 @@ def sigma_list(sigmas: Tensor) -> list[float]:
     return values
 
 
+def distinct_steps(sig: list[float]) -> tuple[list[float], list[int]]:
+    """The sigma list without zero-length steps, and the index of each remaining step in ``sig``.
+
+    A repeated sigma is a step of length zero: nothing to integrate, but multistep solvers divide
+    by step lengths (DPM-Solver++'s ratio of steps, UniPC's, LMS's Lagrange nodes). Repeats come from
+    integer timesteps spaced closer than 1 (DPM-Solver/UniPC at T steps: diffusers then returns NaN).
+    Dropping them gives the solve over the distinct sigmas. Step k of the result completes steps up
+    to ``index[k]`` of ``sig`` (the zero-length ones after it included), the number the callback
+    reports, so the last step still reports ``len(sig) - 2``."""
+    values, index = [sig[0]], []
+    for i in range(1, len(sig)):
+        if sig[i] != sig[i - 1]:
+            values.append(sig[i])
+            index.append(i - 1)
+        elif index:
+            index[-1] = i - 1
+    return values, index
+
+
 def f32(value: float) -> float:
     """Round a Python float to the nearest float32, so that a sigma computed inside a sampler is the
     same number in the step arithmetic and in the float32 tensor handed to the denoiser."""

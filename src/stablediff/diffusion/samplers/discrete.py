@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Callback, DenoiserFn, ancestral_step, noise_like, report, sigma_batch, sigma_list
+from .base import Callback, DenoiserFn, ancestral_step, distinct_steps, noise_like, report, sigma_batch, sigma_list
 
 
 def _ddim_loop(
@@ -95,16 +95,17 @@ def plms(
     """PLMS / PNDM of Liu et al. (2022) as CompVis' PLMSSampler (diffusers PNDM, skip_prk_steps=True).
 
     The first step is a second-order (improved Euler) step in eps, costing one extra network call;
-    then Adams-Bashforth combinations of orders 2, 3 and 4 of the eps at past steps.
+    then Adams-Bashforth combinations of orders 2, 3 and 4 of the eps at past steps. Zero-length
+    steps (repeated sigmas) are skipped (``distinct_steps``).
     """
     args = extra_args or {}
-    sig = sigma_list(sigmas)
+    sig, index = distinct_steps(sigma_list(sigmas))
     n = len(sig) - 1
     history: list[Tensor] = []  # eps at the start of previous steps, newest last
     for i in range(n):
         sigma, sigma_prev = sig[i], sig[i + 1]
         denoised = denoiser(x, sigma_batch(x, sigma), **args)
-        report(callback, i, x, sigma, sigma_prev, denoised)
+        report(callback, index[i], x, sigma, sigma_prev, denoised)
         eps = (x - denoised) / sigma
         if not history and n > 1:
             # Pseudo improved Euler: eps at the DDIM prediction for t_prev, averaged with eps at t.

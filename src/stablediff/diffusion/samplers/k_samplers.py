@@ -8,7 +8,7 @@ docstring says which one is followed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,12 +18,14 @@ from .base import (
     Callback,
     DenoiserFn,
     ancestral_step,
+    distinct_steps,
     f32,
     noise_like,
     report,
     sigma_batch,
     sigma_list,
 )
+from .brownian import BrownianNoise
 
 
 def _churn(
@@ -195,18 +197,19 @@ def lms(
     generator: torch.Generator | None = None,
     order: int = 4,
 ) -> Tensor:
-    """Linear multistep in sigma (k-diffusion ``sample_lms``, diffusers LMSDiscrete), order 4."""
+    """Linear multistep in sigma (k-diffusion ``sample_lms``, diffusers LMSDiscrete), order 4.
+    Zero-length steps (repeated sigmas) are skipped (``distinct_steps``)."""
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
     args = extra_args or {}
-    sig = sigma_list(sigmas)
+    sig, index = distinct_steps(sigma_list(sigmas))
     ds: list[Tensor] = []
     for i in range(len(sig) - 1):
         denoised = denoiser(x, sigma_batch(x, sig[i]), **args)
         ds.append((x - denoised) / sig[i])
         if len(ds) > order:
             ds.pop(0)
-        report(callback, i, x, sig[i], sig[i + 1], denoised)
+        report(callback, index[i], x, sig[i], sig[i + 1], denoised)
         cur = min(i + 1, order)
         coeffs = [lms_coefficient(cur, sig, i, j) for j in range(cur)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
@@ -226,15 +229,16 @@ def dpmpp_2m(
     """DPM-Solver++(2M) of Lu et al. (2022), midpoint form (diffusers DPMSolverMultistep, order 2).
 
     First order for the first step and for the last step to sigma = 0 (diffusers' lower_order_final).
+    Zero-length steps (repeated sigmas, where diffusers returns NaN) are skipped (``distinct_steps``).
     """
     args = extra_args or {}
-    sig = sigma_list(sigmas)
+    sig, index = distinct_steps(sigma_list(sigmas))
     old: Tensor | None = None
     h_last = 0.0
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, sigma_batch(x, sigma), **args)
-        report(callback, i, x, sigma, sigma_next, denoised)
+        report(callback, index[i], x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised
             continue
@@ -261,15 +265,16 @@ def dpmpp_2m_sde(
     s_noise: float = 1.0,
 ) -> Tensor:
     """SDE-DPM-Solver++(2M), midpoint form (diffusers ``algorithm_type="sde-dpmsolver++"``; k-diffusion
-    ``sample_dpmpp_2m_sde`` with eta). Fresh Gaussian noise per step from ``generator``."""
+    ``sample_dpmpp_2m_sde`` with eta). Fresh Gaussian noise per step from ``generator``. Zero-length
+    steps (repeated sigmas) are skipped (``distinct_steps``)."""
     args = extra_args or {}
-    sig = sigma_list(sigmas)
+    sig, index = distinct_steps(sigma_list(sigmas))
     old: Tensor | None = None
     h_last = 0.0
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, sigma_batch(x, sigma), **args)
-        report(callback, i, x, sigma, sigma_next, denoised)
+        report(callback, index[i], x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised
             continue
@@ -317,4 +322,68 @@ def dpmpp_2s_a(
             x = (sigma_down / sigma) * x - math.expm1(-h) * denoised_2
         if sigma_up > 0:
             x = x + noise_like(x, generator, "dpmpp_2s_a") * (s_noise * sigma_up)
+    return x
+
+
+def _lambda(sigma: float) -> Tensor:
+    # k-diffusion's t_fn on a float32 sigma: its noise-level arithmetic is float32, and the Brownian
+    # tree must be queried at exactly its points
+    return torch.tensor(sigma, dtype=torch.float32).log().neg()
+
+
+@torch.no_grad()
+def dpmpp_sde(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+) -> Tensor:
+    """DPM-Solver++ (stochastic), k-diffusion ``sample_dpmpp_sde`` (A1111 "DPM++ SDE"): two stages
+    per step in lambda = -log(sigma), each an ancestral DPM-Solver++ step with Brownian-tree noise.
+
+    Stage 1 goes from sigma to the point ``s = lambda + r h`` (r = 1/2) with the first x0 estimate;
+    stage 2 redoes the whole step with ``(1 - 1/(2r)) D(x) + 1/(2r) D(x_s)``. The noise of each stage
+    is the increment of one Brownian path over its noise levels (``BrownianNoise``: one torchsde tree
+    per generator, seeded with the generator's seed). Euler for the last step to sigma = 0;
+    zero-length steps are skipped (``distinct_steps``). Two network calls per step.
+    """
+    if r <= 0:
+        raise ValueError(f"r must be > 0, got {r}")
+    args = extra_args or {}
+    sig, index = distinct_steps(sigma_list(sigmas))
+    positive = [s for s in sig if s > 0]
+    if len(sig) < 2 or not positive:
+        return x
+    noise = BrownianNoise(x, min(positive), max(sig), generator, "dpmpp_sde")
+    fac = 1 / (2 * r)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        denoised = denoiser(x, sigma_batch(x, sigma), **args)
+        report(callback, index[i], x, sigma, sigma_next, denoised)
+        if sigma_next == 0:
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+            continue
+        t, t_next = _lambda(sigma), _lambda(sigma_next)
+        s = t + (t_next - t) * r
+        at_t, at_s, at_next = t.neg().exp(), s.neg().exp(), t_next.neg().exp()  # float32, as k-diffusion
+        sig_t = float(at_t)
+        # stage 1: ancestral step to sigma_s, x0 estimate `denoised`
+        sigma_down, sigma_up = ancestral_step(sig_t, float(at_s), eta)
+        ratio = sigma_down / sig_t
+        x_2 = ratio * x - (ratio - 1) * denoised
+        if sigma_up > 0:
+            x_2 = x_2 + noise(at_t, at_s) * (s_noise * sigma_up)
+        denoised_2 = denoiser(x_2, sigma_batch(x, float(at_s)), **args)
+        # stage 2: ancestral step to sigma_next with the combined estimate
+        sigma_down, sigma_up = ancestral_step(sig_t, float(at_next), eta)
+        ratio = sigma_down / sig_t
+        x = ratio * x - (ratio - 1) * ((1 - fac) * denoised + fac * denoised_2)
+        if sigma_up > 0:
+            x = x + noise(at_t, at_next) * (s_noise * sigma_up)
     return x

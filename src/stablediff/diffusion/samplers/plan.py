@@ -23,6 +23,12 @@ conventions of its counterpart:
 * the output. A sampler returns the VE latent at ``sigmas[-1]``; the latent diffusers returns (and
   the VAE decodes) is ``x * output_scale`` with ``output_scale = 1 / sqrt(1 + sigmas[-1]**2)``
   (1 unless the last sigma is not 0).
+* AUTOMATIC1111's schedule types ("uniform", "sgm_uniform", "simple", "normal", "ddim", "beta",
+  "kl_optimal", "align_your_steps", "polyexponential"; ``schedules.a1111_sigmas``) follow A1111 /
+  k-diffusion for every sampler: the sigmas of the model's whole table, the network's timestep by
+  log-sigma interpolation (not rounded), the start ``noise * sigmas[0]``, the output decoded as it is.
+  ``dpmpp_sde`` exists only in k-diffusion: its "default" is k-diffusion's own discretisation, A1111's
+  "uniform", and its Karras/exponential sigmas follow k-diffusion too.
 
 ``SamplingPlan.sigma_to_t`` gives the denoiser the exact timestep diffusers feeds the network for
 each planned sigma, and the log-sigma interpolation for any other (DPM2's midpoints, k-diffusion's
@@ -42,6 +48,7 @@ from ..guidance import LCMBoundary
 from ..schedules import (
     SIGMA_SCHEDULES,
     NoiseSchedule,
+    a1111_sigmas,
     exponential_sigmas,
     karras_sigmas,
     lcm_timesteps,
@@ -54,7 +61,7 @@ class _Conventions:
     """How one diffusers scheduler builds its schedule (see the module docstring)."""
 
     default_spacing: str
-    grid: str  # "ddim" | "euler" | "solver" | "lcm"
+    grid: str  # "ddim" | "euler" | "solver" | "lcm" | "k" (k-diffusion: default = A1111's "uniform")
     frame: str  # "vp" (latents start as plain noise) | "euler" (init_noise_sigma from sigma_max)
     final_alpha: bool = False  # last step lands on alphas_cumprod[0] unless set_alpha_to_one
     range_from_spaced: bool = False  # Karras/exponential span the spaced sigmas (else the whole table)
@@ -68,6 +75,7 @@ _EULER = _Conventions("linspace", "euler", "euler", range_from_spaced=True)
 _KDPM2 = _Conventions("linspace", "euler", "euler", range_from_spaced=True, karras_t="round")
 _SOLVER = _Conventions("linspace", "solver", "vp", karras_t="round", exponential_t="floor")
 _LCM = _Conventions("leading", "lcm", "vp")
+_KDIFFUSION = _Conventions("linspace", "k", "euler")
 
 CONVENTIONS: dict[str, _Conventions] = {
     "ddpm": _DDPM,  # DDPMScheduler
@@ -79,6 +87,7 @@ CONVENTIONS: dict[str, _Conventions] = {
     "lms": _EULER,  # LMSDiscreteScheduler
     "dpm2": _KDPM2,  # KDPM2DiscreteScheduler
     "dpmpp_2s_a": _EULER,  # k-diffusion only; Euler-family conventions
+    "dpmpp_sde": _KDIFFUSION,  # k-diffusion only (its Brownian noise has no diffusers counterpart)
     "dpmpp_2m": _SOLVER,  # DPMSolverMultistepScheduler
     "dpmpp_2m_sde": _SOLVER,  # DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
     "unipc": _SOLVER,  # UniPCMultistepScheduler
@@ -109,7 +118,11 @@ class SamplingPlan:
 
     @property
     def output_scale(self) -> float:
-        """Factor from the sampler's output (VE latent at sigmas[-1]) to diffusers' final latent."""
+        """Factor from the sampler's output (VE latent at sigmas[-1]) to diffusers' final latent.
+        1 for the other sigma schedules: k-diffusion / A1111 decode the last latent as it is (only
+        "kl_optimal" ends above 0 there)."""
+        if self.sigma_schedule != "default":
+            return 1.0
         return 1.0 / math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
@@ -163,9 +176,11 @@ def sampling_plan(
 ) -> SamplingPlan:
     """Sigmas, timesteps and initial noise scale for ``sampler`` with ``steps`` steps.
 
-    ``sigma_schedule``: "default" (the scheduler's own timestep spacing), "karras" (rho) or
-    "exponential". ``spacing`` overrides the schedule config's ``timestep_spacing``, which overrides
-    the scheduler's default. Raises ValueError for unknown names or a bad step count.
+    ``sigma_schedule``: "default" (the scheduler's own timestep spacing), "karras" (rho),
+    "exponential", or one of AUTOMATIC1111's other schedule types (``SIGMA_SCHEDULES``).
+    ``spacing`` overrides the schedule config's ``timestep_spacing``, which overrides the scheduler's
+    default. ``steps`` may be 1 to T (the trained timesteps; LCM's own grid: 1 to
+    ``lcm_original_steps``). Raises ValueError for unknown names or a bad step count.
     """
     if sampler not in CONVENTIONS:
         raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(CONVENTIONS)}")
@@ -174,23 +189,30 @@ def sampling_plan(
     conv = CONVENTIONS[sampler]
     cfg = schedule.config
     T = cfg.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
     spacing = spacing or cfg.timestep_spacing or conv.default_spacing
+    name = "uniform" if conv.grid == "k" and sigma_schedule == "default" else sigma_schedule
+
+    if name not in ("default", "karras", "exponential"):
+        # A1111's schedule types, as A1111 / k-diffusion run them: log-sigma timesteps, x = noise * sigmas[0]
+        sigmas32 = a1111_sigmas(name, steps, schedule.sigmas).to(torch.float32)
+        timesteps = _f32(schedule.sigma_to_t(sigmas32[:-1]))
+        return SamplingPlan(sampler, sigma_schedule, spacing, sigmas32, timesteps, float(sigmas32[0]), schedule)
 
     # the scheduler's own discrete schedule (also the range of Karras/exponential for the Euler family)
     if conv.grid == "lcm":
         timesteps = lcm_timesteps(steps, T, lcm_original_steps)
         sigmas = schedule.sigmas[timesteps.long()]
-    elif conv.grid == "euler":
+    elif conv.grid in ("euler", "k"):
         # float32 timesteps as np.linspace(..., dtype=np.float32); sigma interpolated linearly in sigma
         timesteps = _f32(spaced_timesteps(steps, spacing, T, cfg.steps_offset, round_linspace=False))
         sigmas = schedule.t_to_sigma(timesteps, "linear")
     else:
         timesteps = spaced_timesteps(steps, spacing, T, cfg.steps_offset, solver_grid=conv.grid == "solver")
-        if bool((timesteps > T - 1).any()):
-            raise ValueError(f"{steps} steps with steps_offset {cfg.steps_offset} exceed the {T} trained timesteps")
         sigmas = schedule.sigmas[timesteps.long()]
 
-    if sigma_schedule == "default":
+    if name == "default":
         last = 0.0
         if conv.final_alpha and not cfg.set_alpha_to_one:
             last = float(schedule.sigmas[0])
@@ -200,7 +222,7 @@ def sampling_plan(
             lo, hi = float(sigmas[-1]), float(sigmas[0])
         else:
             lo, hi = schedule.sigma_min, schedule.sigma_max
-        if sigma_schedule == "karras":
+        if name == "karras":
             sigmas = karras_sigmas(steps, lo, hi, rho)
             rounding = conv.karras_t
         else:
@@ -216,7 +238,9 @@ def sampling_plan(
     timesteps = _f32(timesteps)
     sigmas32 = sigmas.to(torch.float32)
     sigma_max = float(sigmas32.max())
-    if conv.frame == "euler" and spacing in ("linspace", "trailing"):
+    if conv.grid == "k":
+        init = float(sigmas32[0])  # k-diffusion: x = noise * sigmas[0]
+    elif conv.frame == "euler" and spacing in ("linspace", "trailing"):
         init = sigma_max
     else:
         init = math.sqrt(float(sigmas32[0]) ** 2 + 1)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Callback, DenoiserFn, report, sigma_batch, sigma_list
+from .base import Callback, DenoiserFn, distinct_steps, report, sigma_batch, sigma_list
 
 
 def _coefficients(rks: list[float], h: float, order: int) -> tuple[list[list[float]], list[float], float, float]:
@@ -54,11 +54,12 @@ def unipc(
     generator: torch.Generator | None = None,
     order: int = 2,
 ) -> Tensor:
-    """UniPC-bh2 multistep predictor-corrector of Zhao et al. (2023) (diffusers UniPCMultistep, order 2)."""
+    """UniPC-bh2 multistep predictor-corrector of Zhao et al. (2023) (diffusers UniPCMultistep, order 2).
+    Zero-length steps (repeated sigmas) are skipped (``distinct_steps``)."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
     args = extra_args or {}
-    sig = sigma_list(sigmas)
+    sig, index = distinct_steps(sigma_list(sigmas))
     n = len(sig) - 1
     lam = [-math.log(s) if s > 0 else math.inf for s in sig]
     outputs: list[Tensor] = []  # x0 predictions at sig[0..i], newest last
@@ -66,7 +67,7 @@ def unipc(
     last_order = 1
     for i in range(n):
         denoised = denoiser(x, sigma_batch(x, sig[i]), **args)
-        report(callback, i, x, sig[i], sig[i + 1], denoised)
+        report(callback, index[i], x, sig[i], sig[i + 1], denoised)
         if last_x is not None:
             x = _correct(x, last_x, denoised, outputs, sig, lam, i, last_order)
         outputs = [*outputs[-(order - 1) :], denoised] if order > 1 else [denoised]
