@@ -50,6 +50,11 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
         (),
     ),
     ("stablediff.cli", ("stablediff.models", "stablediff.weights.convert"), ()),
+    (
+        "stablediff.serve",
+        ("stablediff.models", "stablediff.weights", "stablediff.diffusion", "stablediff.train", "stablediff.eval"),
+        (),
+    ),
 )
 
 

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -35,10 +34,16 @@ from stablediff.presets import (
     PRESETS,
     ModelSpec,
     get_preset,
-    infer_text_config,
-    infer_unet_config,
-    infer_vae_config,
     spec_from_parts,
+)
+from stablediff.spec_check import (
+    SPEC_CHECKSUM_KEY,
+    SPEC_METADATA_KEY,
+    check_against_weights,
+    check_fields,
+    check_values,
+    spec_checksum,
+    stored_spec,
 )
 from stablediff.tokenizer import CLIPTokenizer
 from stablediff.version import __version__
@@ -53,10 +58,6 @@ from stablediff.weights.io import (
 )
 from stablediff.weights.strict import load_strict
 
-SPEC_METADATA_KEY = "stablediff.spec"
-# The SHA-256 of the spec text: facts no tensor shows (scaling factor, betas, heads, prediction
-# type) cannot be checked against the weights, so a file we wrote says what its spec was.
-SPEC_CHECKSUM_KEY = "stablediff.spec_sha256"
 TOKENIZER_METADATA_KEY = "stablediff.tokenizer"  # a trained vocabulary (the CLIP one is package data)
 VERSION_METADATA_KEY = "stablediff.version"
 logger = logging.getLogger(__name__)
@@ -78,22 +79,6 @@ _WEIGHT_FILES["vae"] = _WEIGHT_FILES["unet"]
 # A file `save(..., overwrite=True)` may replace: safetensors by content, or a torch checkpoint by
 # content with one of these names (a pickle may hold anything).
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-# The fields of each network's config that its weights' shapes determine (presets.infer_*).
-_INFERRED_FIELDS = {
-    "unet": (
-        "in_channels",
-        "out_channels",
-        "model_channels",
-        "channel_mult",
-        "num_res_blocks",
-        "attention_levels",
-        "transformer_depth",
-        "context_dim",
-        "use_linear_proj",
-    ),
-    "vae": ("in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels"),
-    "text": ("vocab_size", "width", "layers", "mlp_ratio", "max_positions"),
-}
 
 
 def load_pipeline(
@@ -208,14 +193,14 @@ def _load_single_file(path: Path, device, dtype, use_ema: bool, spec: ModelSpec 
         )
     metadata = read_metadata(path)
     if spec is None:
-        spec = _stored_spec(metadata, path)
+        spec = stored_spec(metadata, path)
         if spec is not None:
             if parts["text"] and spec.text_format != parts["text_format"]:
                 raise CheckpointError(
                     f"{path}: the stored model spec says text_format {spec.text_format!r} but the text encoder's "
                     f"keys are in the {parts['text_format']!r} format"
                 )
-            _check_against_weights(spec, parts, path)
+            check_against_weights(spec, parts, path)
         else:
             spec = spec_from_parts(parts["unet"], parts["vae"], parts["text"], parts["text_format"], "epsilon")
     if TOKENIZER_METADATA_KEY in metadata:
@@ -226,86 +211,6 @@ def _load_single_file(path: Path, device, dtype, use_ema: bool, spec: ModelSpec 
     else:
         tokenizer = CLIPTokenizer.default(pad_token=spec.pad_token)
     return _build(spec, parts["unet"], parts["vae"], parts["text"], tokenizer, device, dtype)
-
-
-def _stored_spec(metadata: dict[str, str], path: Path) -> ModelSpec | None:
-    """The ModelSpec a file we wrote carries in its metadata (None if it has none), after checking
-    it against its own checksum (files written before the checksum have none) and for values no
-    real model has."""
-    stored = metadata.get(SPEC_METADATA_KEY)
-    checksum = metadata.get(SPEC_CHECKSUM_KEY)
-    if not stored:
-        if checksum is not None:
-            raise CheckpointError(
-                f"{path}: has a {SPEC_CHECKSUM_KEY} but no {SPEC_METADATA_KEY}: its metadata was modified"
-            )
-        return None
-    if checksum is not None and checksum != _sha256(stored):
-        raise CheckpointError(
-            f"{path}: spec metadata was modified: {SPEC_METADATA_KEY} does not match its {SPEC_CHECKSUM_KEY} "
-            f"(stored {checksum[:16]!r}..., the text hashes to {_sha256(stored)[:16]!r}...)"
-        )
-    try:
-        spec = ModelSpec.from_json(stored)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise CheckpointError(f"{path}: the stored model spec ({SPEC_METADATA_KEY}) is invalid: {err}") from None
-    _check_values(spec, path)
-    return spec
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_values(spec: ModelSpec, source: object) -> None:
-    """Refuse a scaling factor or betas that no real model has (they would sample garbage)."""
-    scale = spec.vae.scaling_factor
-    if not _is_number(scale) or scale <= 0:
-        raise CheckpointError(f"{source}: VAE scaling_factor must be a finite number > 0, got {scale!r}")
-    sched = spec.schedule
-    if sched.beta_schedule in ("linear", "scaled_linear"):  # squaredcos_cap_v2 does not use them
-        start, end = sched.beta_start, sched.beta_end
-        if not (_is_number(start) and _is_number(end) and 0 < start < end < 1):
-            raise CheckpointError(
-                f"{source}: the noise schedule needs 0 < beta_start < beta_end < 1, "
-                f"got beta_start {start!r}, beta_end {end!r}"
-            )
-
-
-def _check_fields(stored: object, found: object, network: str, source: object, seen_in: str) -> None:
-    """Every shape-determined field of ``stored`` (a network config from a spec) equals ``found``."""
-    for name in _INFERRED_FIELDS[network]:
-        a, b = getattr(stored, name), getattr(found, name)
-        if a != b:
-            raise CheckpointError(
-                f"{source}: the stored model spec does not match the model: {network}.{name} is {a!r} in the "
-                f"spec but {b!r} in {seen_in}"
-            )
-
-
-def _check_against_weights(spec: ModelSpec, sds: dict, source: object) -> None:
-    """A stored spec agrees with what its weights' shapes say, field by field.
-
-    Inference is heuristic (presets.infer_*); where it cannot read a layout, nothing is compared
-    here and strict loading still checks every key and shape against the spec.
-    """
-    inferers = {
-        "unet": lambda sd: infer_unet_config(sd, like=spec.unet),
-        "vae": lambda sd: infer_vae_config(sd, like=spec.vae),
-        "text": lambda sd: infer_text_config(sd, spec.text_format),
-    }
-    for network, infer in inferers.items():
-        if not sds[network]:
-            continue  # strict loading names the missing keys
-        try:
-            found = infer(sds[network])
-        except (ValueError, KeyError, IndexError, StopIteration, ZeroDivisionError, TypeError):
-            continue
-        _check_fields(getattr(spec, network), found, network, source, "the weights")
 
 
 @contextlib.contextmanager
@@ -389,7 +294,7 @@ def _load_diffusers(folder: Path, device, dtype, spec: ModelSpec | None) -> Stab
     vae_sd = convert.vae_diffusers_to_ours(read_state_dict(files["vae"]), len(v.ch_mult), v.num_res_blocks)
     text_sd = convert.text_transformers_to_ours(read_state_dict(files["text_encoder"]))
     if stored:
-        _check_against_weights(spec, {"unet": unet_sd, "vae": vae_sd, "text": text_sd}, files["unet"])
+        check_against_weights(spec, {"unet": unet_sd, "vae": vae_sd, "text": text_sd}, files["unet"])
     return _build(spec, unet_sd, vae_sd, text_sd, tokenizer, device, dtype)
 
 
@@ -411,13 +316,13 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
     )
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(scheduler_path) if scheduler_path.is_file() else {}
-    spec = _stored_spec(read_metadata(unet_file), unet_file) if unet_file.suffix == ".safetensors" else None
+    spec = stored_spec(read_metadata(unet_file), unet_file) if unet_file.suffix == ".safetensors" else None
     stored = spec is not None
     if stored:
         # The weights are renamed with the spec's block layout, so it must agree with the
         # folder's configs (which describe the same weights) before the weights are read.
-        _check_fields(spec.unet, unet_cfg, "unet", unet_file, str(folder / "unet" / "config.json"))
-        _check_fields(spec.vae, vae_cfg, "vae", unet_file, str(folder / "vae" / "config.json"))
+        check_fields(spec.unet, unet_cfg, "unet", unet_file, str(folder / "unet" / "config.json"))
+        check_fields(spec.vae, vae_cfg, "vae", unet_file, str(folder / "vae" / "config.json"))
     else:
         spec = ModelSpec(
             name=f"diffusers:{folder.name}",
@@ -429,7 +334,7 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
             schedule=_schedule_from_diffusers(sched, scheduler_path),
             default_size=_default_size(unet_json, unet_path, vae_cfg.downscale),
         )
-        _check_values(spec, folder)
+        check_values(spec, folder)
     # transformers runs every layer it has: the folder's text tower never skips layers.
     return replace(spec, text=text_cfg, pad_token=tokenizer.pad_token), stored
 
@@ -508,7 +413,7 @@ def save(
     spec_json = pipe.spec.to_json()
     meta = {k: v for k, v in (metadata or {}).items() if k not in MANAGED_METADATA_KEYS}
     meta.update(
-        {SPEC_METADATA_KEY: spec_json, SPEC_CHECKSUM_KEY: _sha256(spec_json), VERSION_METADATA_KEY: __version__}
+        {SPEC_METADATA_KEY: spec_json, SPEC_CHECKSUM_KEY: spec_checksum(spec_json), VERSION_METADATA_KEY: __version__}
     )
     if not pipe.tokenizer.is_default_vocabulary():
         meta[TOKENIZER_METADATA_KEY] = json.dumps(pipe.tokenizer.to_dict(), ensure_ascii=False)
