@@ -1,9 +1,9 @@
-# The two commands a user needs: `make demo` and `make test`.
+# The commands a user needs: `make demo`, `make serve` and `make test`.
 PY      := .venv/bin/python
 TORCH   := torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: setup test demo lint clean bundled-model eval
+.PHONY: setup test demo serve lint clean bundled-model eval
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ test: setup
 # Generates one image with the bundled model and prints where it is.
 demo: setup
 	$(PY) -m stablediff generate "a large yellow star in the center on a black background" --seed 1 --steps 20 --out outputs
+
+# The web page and the HTTP APIs on http://127.0.0.1:7860/ with the bundled model (docs/serve.md).
+serve: setup
+	$(PY) -m stablediff serve
 
 # Trains a bundled model from nothing and evaluates it: RECIPE=shapes (CPU, under 2 hours on two
 # cores) or RECIPE=shapes-gpu (a CUDA GPU: the model that ships; docs/model-card.md has its phases' times).

@@ -158,6 +158,20 @@ def test_preview_projection_is_fitted_to_the_vae(server, pipe):
     assert project(z[0], weight, bias).size == (8, 8)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])  # (DDIM ends at alphas_cumprod[0], not sigma 0)
+def test_preview_follows_the_x0_estimate_to_the_final_latents(pipe, sampler):
+    """The preview sees the denoiser's x0 estimate each step, not the noisy U-Net input: its last
+    estimate is the final latent (for samplers that end at sigma = 0), the first one is not yet."""
+    params = GenerationParams("a red circle", steps=4, seed=3, sampler=sampler)
+    seen = []
+    latents = pipe.sample_latents(params, preview=lambda x0: seen.append(x0.clone()))
+    assert len(seen) == 4
+    gap = (seen[-1] - latents).abs().max().item()
+    print(f"{sampler}: last x0 estimate vs final latents, max |diff| = {gap:.2e}")
+    assert gap < 1e-4
+    assert (seen[0] - latents).abs().max() > 10 * gap  # the first estimate is still far
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

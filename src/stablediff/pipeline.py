@@ -43,6 +43,9 @@ from stablediff.tokenizer import CLIPTokenizer
 
 # callback(step, total_steps): called after each sampler step.
 ProgressCallback = Callable[[int, int], None]
+# preview(latents): called before the progress callback with the step's estimate of the final
+# scaled latents [n, 4, h, w] of the images being sampled (the denoiser's x0), for live previews.
+PreviewCallback = Callable[[torch.Tensor], None]
 
 
 @dataclass
@@ -104,11 +107,16 @@ class StableDiffusion:
         return params.with_default_size(self.spec.default_size)
 
     @torch.no_grad()
-    def generate(self, params: GenerationParams, callback: ProgressCallback | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        params: GenerationParams,
+        callback: ProgressCallback | None = None,
+        preview: PreviewCallback | None = None,
+    ) -> list[Image.Image]:
         """Images for `params` (resolved by `resolve_params` and validated first; nothing is computed
         for invalid params). A non-finite result is a ValueError that says where it arose: in the
         latents (sampling) or in the decoded image, and in which dtype."""
-        latents = self.sample_latents(params, callback)
+        latents = self.sample_latents(params, callback, preview)
         if not torch.isfinite(latents).all():
             raise ValueError(
                 f"the latents became non-finite (NaN or inf) during sampling, with the U-Net in {self.dtype}: "
@@ -136,7 +144,12 @@ class StableDiffusion:
         return torch.cat([self.vae.decode(z[None].to(self.device, vae_dtype)).float() for z in latents])
 
     @torch.no_grad()
-    def sample_latents(self, params: GenerationParams, callback: ProgressCallback | None = None) -> torch.Tensor:
+    def sample_latents(
+        self,
+        params: GenerationParams,
+        callback: ProgressCallback | None = None,
+        preview: PreviewCallback | None = None,
+    ) -> torch.Tensor:
         """Run the sampler; returns the final scaled latents [B, 4, h, w] in float32."""
         params = self.resolve_params(params).validate()
         if self.spec.is_inpaint and params.mask is None:
@@ -192,6 +205,8 @@ class StableDiffusion:
                 )
 
             def on_step(info: dict, done: int = group[0] * steps, n: int = n) -> None:
+                if preview is not None:
+                    preview(info["denoised"])
                 if callback is not None:
                     callback(done + (info["i"] + 1) * n, total)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from stablediff.image import save_png
@@ -32,7 +33,7 @@ from stablediff.loading import default_model
 from stablediff.params import GenerationParams
 from stablediff.serve.config import ServeConfig
 from stablediff.serve.models import ModelEntry, find_model, list_models, load_entry
-from stablediff.serve.preview import LatentTap, fit_projection, preview_png
+from stablediff.serve.preview import fit_projection, preview_png
 from stablediff.serve.security import RequestError
 from stablediff.serve.store import FINISHED, Job, JobStore, new_job_id
 
@@ -136,27 +137,30 @@ class Worker:
         status, error, names = "failed", None, []
         try:
             params = manager.params_of(job)
-            with LatentTap(self.pipe.unet) as tap:
+            latest: list[torch.Tensor] = []  # the newest x0 estimate of the first image
 
-                def callback(step: int, total: int) -> None:
-                    if manager.stopping:
-                        raise _Stopping
-                    if job_id in manager.cancel_requested:
-                        raise JobCancelled
-                    with manager.changed:
-                        progress.step, progress.total = step, total
-                        event = progress.to_dict()
-                        every = manager.config.preview_every
-                        if tap.latest is not None and (step % every == 0 or step == total):
-                            progress.preview = preview_png(tap.latest, self.weight, self.bias)
-                            progress.preview_step = step
-                            for earlier in progress.events:
-                                earlier.pop("preview", None)
-                            event["preview"] = progress.preview
-                        progress.events.append(event)
-                        manager.changed.notify_all()
+            def keep(denoised: torch.Tensor) -> None:
+                latest[:] = [denoised[0]]
 
-                images = self.pipe.generate(params, callback=callback)
+            def callback(step: int, total: int) -> None:
+                if manager.stopping:
+                    raise _Stopping
+                if job_id in manager.cancel_requested:
+                    raise JobCancelled
+                with manager.changed:
+                    progress.step, progress.total = step, total
+                    event = progress.to_dict()
+                    every = manager.config.preview_every
+                    if latest and (step % every == 0 or step == total):
+                        progress.preview = preview_png(latest[0], self.weight, self.bias)
+                        progress.preview_step = step
+                        for earlier in progress.events:
+                            earlier.pop("preview", None)
+                        event["preview"] = progress.preview
+                    progress.events.append(event)
+                    manager.changed.notify_all()
+
+            images = self.pipe.generate(params, callback=callback, preview=keep)
             names = self._write(job, params, images)
             status = "done"
         except _Stopping:

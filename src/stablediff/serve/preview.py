@@ -4,8 +4,8 @@ popular web UIs' "approx cheap" preview.
 `fit_projection` fits it per model by least squares when the model loads: a few random latents
 are decoded by the model's own VAE (two 8 x 8 latents: a fraction of a second), each
 image is average-pooled to the latent grid, and ``rgb = W @ z + b`` is solved over every pixel.
-`LatentTap` records the latent the U-Net sees at each call (through a forward hook, so the
-pipeline needs no change), and `preview_png` turns a latent into a small PNG.
+The pipeline hands the worker each step's estimate of the final latents (the denoiser's x0, so the
+preview shows the image taking shape, not the noise), and `preview_png` turns one into a small PNG.
 """
 
 from __future__ import annotations
@@ -48,28 +48,3 @@ def preview_png(latent: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-class LatentTap:
-    """Keeps the first row of the last latent the U-Net received while installed (a context manager).
-
-    The U-Net sees ``x * c_in``, the current noisy latent scaled to unit variance, which converges on
-    the final image's latent as sampling proceeds."""
-
-    def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
-        self.latest: torch.Tensor | None = None
-        self._handle = None
-
-    def _hook(self, module, args, kwargs=None):
-        if args:
-            self.latest = args[0][0].detach()
-
-    def __enter__(self) -> LatentTap:
-        self._handle = self.unet.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None

@@ -17,6 +17,7 @@ from stablediff.diffusion import PREDICTION_TYPES
 from stablediff.train.stages import STAGES
 
 MIXED_PRECISION = ("no", "bf16")
+UNET_STAGES = ("unet", "finetune")  # the stages that train a U-Net on images
 
 
 @dataclass
@@ -36,6 +37,11 @@ class TrainConfig:
     shapes_size: int = 50000  # when data == "shapes": how many distinct scenes the stream cycles over
     center_crop: bool = True
     flip: bool = False
+    # U-Net stages on a captioned folder: aspect-ratio buckets of about resolution**2 pixels
+    # (sides multiples of bucket_step, at most bucket_max_aspect : 1) instead of square crops
+    buckets: bool = False
+    bucket_step: int = 64
+    bucket_max_aspect: float = 2.5
     caption_dropout: float = 0.1  # unet: probability of an empty caption (classifier-free guidance)
     strict: bool = False  # stop at the first bad data file instead of skipping (and logging) it
 
@@ -153,6 +159,12 @@ class TrainConfig:
             raise ValueError(f"high_noise_from must be >= 0, got {self.high_noise_from}")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.buckets:
+            if self.stage not in UNET_STAGES:
+                raise ValueError(f"buckets is for the U-Net stages {UNET_STAGES}, not {self.stage!r}")
+            from stablediff.train.data.buckets import bucket_shapes  # deferred: train.data imports this module
+
+            bucket_shapes(self.resolution, self.bucket_step, self.bucket_max_aspect)  # checks the three
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

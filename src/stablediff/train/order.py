@@ -8,6 +8,11 @@ drop the tail of one) and process ``rank`` keeps every ``world_size``-th of them
 ``rank``. Two processes with batch B therefore see exactly the examples of one process with batch
 2B. The position is ``(epoch, offset)``: how far the stream has been read; it goes into every
 checkpoint, so a resumed run continues with exactly the next batch.
+
+With aspect-ratio buckets (`item_buckets` on the data set) every global batch holds items of one
+bucket: `BucketBatches` groups each epoch's permutation by bucket, fills a bucket's last batch up
+with its own first items again, and shuffles the batches. The position then counts the examples
+of that padded epoch (`epoch_size`).
 """
 
 from __future__ import annotations
@@ -72,8 +77,80 @@ class RankBatches:
         for batch in self.global_batches():
             yield batch[self.rank :: self.world_size]
 
+    @property
+    def epoch_size(self) -> int:
+        """Examples per epoch: what `Position.advance` wraps at."""
+        return self.size
+
     def __len__(self) -> int:  # DataLoader asks; the stream is endless
         return 2**62
+
+
+class BucketBatches(RankBatches):
+    """`RankBatches` whose global batches each hold items of one aspect-ratio bucket:
+    ``buckets[i]`` is item i's bucket. Same stream for any number of processes with the same
+    global batch; a position is resumed at the batch it falls in."""
+
+    def __init__(
+        self,
+        buckets: list[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: Position = Position(),
+    ):
+        super().__init__(len(buckets), batch_size, seed, rank, world_size, start)
+        self.buckets = buckets
+        want = batch_size * world_size
+        counts: dict[int, int] = {}
+        for bucket in buckets:
+            counts[bucket] = counts.get(bucket, 0) + 1
+        self._epoch_size = sum(-(-n // want) * want for n in counts.values())
+
+    @property
+    def epoch_size(self) -> int:
+        return self._epoch_size
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Epoch ``epoch``'s global batches, in training order."""
+        want = self.batch_size * self.world_size
+        by_bucket: dict[int, list[int]] = {}
+        for i in permutation(self.size, self.seed, epoch):
+            by_bucket.setdefault(self.buckets[i], []).append(i)
+        batches = []
+        for bucket in sorted(by_bucket):
+            items = by_bucket[bucket]
+            items = items + (items * -(-want // len(items)))[: -len(items) % want]  # fill the last batch
+            batches += [items[k : k + want] for k in range(0, len(items), want)]
+        shuffle = torch.Generator().manual_seed(derive_seed(self.seed, "buckets", epoch))
+        return [[(epoch, i) for i in batches[k]] for k in torch.randperm(len(batches), generator=shuffle).tolist()]
+
+    def global_batches(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, first = self.start.epoch, self.start.offset // (self.batch_size * self.world_size)
+        while True:
+            yield from self.epoch_batches(epoch)[first:]
+            epoch, first = epoch + 1, 0
+
+
+def batch_order(dataset: Any, batch_size: int, seed: int, rank: int, world_size: int, start: Position) -> RankBatches:
+    """The batch sampler for `dataset`: `BucketBatches` when its items have aspect-ratio buckets."""
+    buckets = buckets_of(dataset)
+    if buckets is None:
+        return RankBatches(len(dataset), batch_size, seed, rank, world_size, start)
+    return BucketBatches(buckets, batch_size, seed, rank, world_size, start)
+
+
+def buckets_of(dataset: Any) -> list[int] | None:
+    """Each item's bucket, through wrappers (`.dataset`) and subsets (`.indices`); None without buckets."""
+    if getattr(dataset, "item_buckets", None) is not None:
+        return list(dataset.item_buckets)
+    if hasattr(dataset, "dataset"):
+        inner = buckets_of(dataset.dataset)
+        if inner is not None and hasattr(dataset, "indices"):
+            return [inner[i] for i in dataset.indices]
+        return inner
+    return None
 
 
 def set_epoch(dataset: Any, epoch: int) -> None:

@@ -36,7 +36,7 @@ from stablediff.train.checkpoint import NonFiniteError
 from stablediff.train.config import TrainConfig
 from stablediff.train.exports import EXPORT_DIR
 from stablediff.train.optim import EMA, WarmupCosine, make_optimizer
-from stablediff.train.order import EpochItems, Position, RankBatches
+from stablediff.train.order import EpochItems, Position, batch_order
 from stablediff.train.runlog import RunLog
 from stablediff.train.stage import Stage
 from stablediff.train.stages import get_stage
@@ -99,6 +99,8 @@ class _Run:
         self.dataset = self.stage.dataset()
         if len(self.dataset) == 0:
             raise ValueError(f"training data {config.data!r} is empty: no examples to train on")
+        # examples per epoch of the data order (more than the data set's size with buckets)
+        self.epoch_size = self._order(Position()).epoch_size
         self.module = self.stage.trainable().to(env.device)
         for sub in self.module.modules():  # activation checkpointing, for networks that support it
             if hasattr(sub, "gradient_checkpointing"):
@@ -159,7 +161,7 @@ class _Run:
                 size,
                 saved.state.get("dataset_size"),
             )
-        self.position = Position(int(position["epoch"]), int(position["offset"]) % size)
+        self.position = Position(int(position["epoch"]), int(position["offset"]) % self.epoch_size)
         if saved.state.get("world_size") != env.world_size:
             logger.warning(
                 "resuming a %s-process run with %d processes: the global batch changes",
@@ -177,9 +179,13 @@ class _Run:
         logger.info("resumed from %s at step %d", saved.path, self.step)
 
     # -----------------------------------------------------------------------------------------
-    def _batches(self):
+    def _order(self, start: Position):
         c, env = self.config, self.env
-        sampler = RankBatches(len(self.dataset), c.batch_size, c.seed, env.rank, env.world_size, self.position)
+        return batch_order(self.dataset, c.batch_size, c.seed, env.rank, env.world_size, start)
+
+    def _batches(self):
+        c = self.config
+        sampler = self._order(self.position)
         loader = torch.utils.data.DataLoader(
             EpochItems(self.dataset), batch_sampler=sampler, collate_fn=self.stage.collate, num_workers=c.num_workers
         )
@@ -197,7 +203,7 @@ class _Run:
         losses, stage_metrics, bad = [], {}, False
         for micro in range(c.grad_accum):
             batch = next(batches)
-            self.position = self.position.advance(c.batch_size * env.world_size, len(self.dataset))
+            self.position = self.position.advance(c.batch_size * env.world_size, self.epoch_size)
             # The same generator on every process: stages draw for the global batch and keep their
             # rows (distributed.rank_rows), so N processes train as one with N times the batch.
             generator = torch.Generator().manual_seed(_seed(c.seed, "loss", self.step, micro))

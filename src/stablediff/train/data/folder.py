@@ -41,6 +41,7 @@ from PIL import Image
 
 from stablediff.image import image_to_tensor, load_image
 from stablediff.seeds import derive_seed
+from stablediff.train.data.buckets import nearest_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ CROPS = ("center", "random")
 VERIFY = ("full", "header")
 
 
-def _check_image(path: Path, full: bool, min_side: int) -> str | None:
-    """Why ``path`` is not a usable image, or None."""
+def _check_image(path: Path, full: bool, min_side: int) -> tuple[str | None, tuple[int, int]]:
+    """(why ``path`` is not a usable image or None, its (width, height) as stored)."""
     if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", (0, 0)
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -61,14 +62,24 @@ def _check_image(path: Path, full: bool, min_side: int) -> str | None:
             else:
                 img.verify()  # reads the file without decoding pixels; PNG checksums are checked
     except Image.UnidentifiedImageError:
-        return "not an image (format not recognised)"
+        return "not an image (format not recognised)", (0, 0)
     except Image.DecompressionBombError as err:
-        return f"image too large to open safely ({err})"
+        return f"image too large to open safely ({err})", (0, 0)
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # PIL's ways of saying "corrupt"
-        return f"corrupt or truncated image ({err})"
+        return f"corrupt or truncated image ({err})", (0, 0)
     if min(width, height) < min_side:
-        return f"image too small ({width}x{height}, minimum {min_side} px per side)"
-    return None
+        return f"image too small ({width}x{height}, minimum {min_side} px per side)", (width, height)
+    return None, (width, height)
+
+
+def _upright(path: Path, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) after the EXIF rotation `load_image` applies (orientations 5-8 swap them)."""
+    try:
+        with Image.open(path) as img:
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):
+        return size
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
 def _read_caption(path: Path) -> tuple[str | None, str | None]:
@@ -85,7 +96,10 @@ class CaptionedFolder:
     """A folder of captioned images: ``ds[i] -> (image [3, size, size] float32 in [-1, 1], caption)``.
 
     Each image is resized (LANCZOS) so that its shorter side is ``size``, then cropped to a
-    square at the centre (``crop="center"``) or at a random place (``"random"``); with ``flip``
+    square at the centre (``crop="center"``) or at a random place (``"random"``). With
+    ``buckets`` (a list of (width, height), see `buckets.bucket_shapes`) item ``i`` is instead
+    scaled to cover the bucket nearest its aspect ratio, ``buckets[item_buckets[i]]``, and
+    cropped to it: ``[3, height, width]``, nothing but a sliver cut away. With ``flip``
     it is mirrored left-right half of the time; with probability ``caption_dropout`` the caption
     is "" (for classifier-free guidance). The random choices of item ``i`` come from a generator
     seeded by ``(seed, epoch, i)``: the same in any order and any worker; ``set_epoch`` changes
@@ -107,6 +121,7 @@ class CaptionedFolder:
         seed: int = 0,
         verify: str = "full",
         min_side: int = 8,
+        buckets: list[tuple[int, int]] | None = None,
     ):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
@@ -124,14 +139,18 @@ class CaptionedFolder:
         self.size, self.crop, self.flip, self.caption_dropout = size, crop, flip, caption_dropout
         self.strict, self.seed, self.verify, self.min_side = strict, seed, verify, min_side
         self.epoch = 0
+        self.buckets = buckets
+        self.item_buckets: list[int] | None = None  # with buckets: the bucket of each item
         self.skipped: list[tuple[Path, str]] = []
         self._undecodable: set[Path] = set()  # only with verify="header": found in __getitem__
         candidates = self._from_metadata() if (self.root / "metadata.jsonl").is_file() else self._from_pairs()
         self.items: list[tuple[Path, str]] = []
+        sizes = []
         for path, text in candidates:
-            reason = _check_image(path, verify == "full", min_side)
+            reason, stored_size = _check_image(path, verify == "full", min_side)
             if reason is None:
                 self.items.append((path, text))
+                sizes.append(stored_size)
             else:
                 self._skip(path, reason)
         if not self.items:
@@ -139,6 +158,9 @@ class CaptionedFolder:
                 f"data folder {self.root} has no usable captioned images "
                 f"({len(self.skipped)} skipped; see the log or .skipped)"
             )
+        if buckets:
+            upright = [_upright(path, size) for (path, _), size in zip(self.items, sizes, strict=True)]
+            self.item_buckets = [nearest_bucket(w, h, buckets) for w, h in upright]
 
     def _skip(self, path: Path, reason: str) -> None:
         if self.strict:
@@ -216,16 +238,20 @@ class CaptionedFolder:
         # Always draw all four numbers, so switching one option off leaves the others unchanged.
         rng = random.Random(derive_seed(self.seed, self.epoch, index))
         u_x, u_y, u_flip, u_drop = rng.random(), rng.random(), rng.random(), rng.random()
+        # the target of `index` (not of a replacement item), so a batch of one bucket stays one shape
+        target_w, target_h = (
+            (self.size, self.size) if self.item_buckets is None else self.buckets[self.item_buckets[index]]
+        )
         width, height = image.size
-        scale = self.size / min(width, height)
-        new = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
+        scale = max(target_w / width, target_h / height)  # cover the target, then crop the excess
+        new = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
         if new != image.size:
             image = image.resize(new, Image.Resampling.LANCZOS)
         if self.crop == "center":
-            left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
+            left, top = (new[0] - target_w) // 2, (new[1] - target_h) // 2
         else:
-            left, top = int(u_x * (new[0] - self.size + 1)), int(u_y * (new[1] - self.size + 1))
-        image = image.crop((left, top, left + self.size, top + self.size))
+            left, top = int(u_x * (new[0] - target_w + 1)), int(u_y * (new[1] - target_h + 1))
+        image = image.crop((left, top, left + target_w, top + target_h))
         if self.flip and u_flip < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         caption = "" if u_drop < self.caption_dropout else text

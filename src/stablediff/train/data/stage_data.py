@@ -24,6 +24,7 @@ from stablediff.models.vae import AutoencoderKL
 from stablediff.seeds import derive_seed
 from stablediff.shapes import ShapesDataset, caption_regions, shapes_captions
 from stablediff.train.config import TrainConfig
+from stablediff.train.data.buckets import bucket_shapes
 from stablediff.train.data.folder import CaptionedFolder
 from stablediff.train.data.latent_cache import LatentCacheDataset
 from stablediff.train.grounding import item_regions
@@ -76,9 +77,12 @@ def image_text_data(config: TrainConfig, regions: bool = False) -> tuple[Dataset
         flip=config.flip,
         seed=config.seed,
         strict=config.strict,
+        buckets=bucket_shapes(config.resolution, config.bucket_step, config.bucket_max_aspect)
+        if config.buckets
+        else None,
     )
-    plain = copy.copy(folder)  # the same verified items, read without augmentation
-    plain.crop, plain.flip = "center", False
+    plain = copy.copy(folder)  # the same verified items, read without augmentation (square centre crops)
+    plain.crop, plain.flip, plain.item_buckets = "center", False, None
     return hold_out(folder, plain, config)
 
 
@@ -159,6 +163,11 @@ def unet_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset
             "a latent cache file or 'shapes')"
         )
     latents = path.is_file()
+    if config.buckets and (latents or config.data == "shapes"):
+        raise ValueError(
+            f"buckets needs a captioned image folder as --data (images of many aspect ratios); {config.data!r} "
+            "has one image size"
+        )
     if config.grounding_weight and not latents and config.data != "shapes":
         raise ValueError(
             f"grounding_weight needs captions with grounding regions: --data shapes or a latent cache "
