@@ -50,6 +50,8 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
         (),
     ),
     ("stablediff.cli", ("stablediff.models", "stablediff.weights.convert"), ()),
+    # a list of params: no model, no pipeline, no torch
+    ("stablediff.prompt_list", (*_SHARED, "stablediff.pipeline", "stablediff.loading", "torch"), ()),
     (
         "stablediff.serve",
         ("stablediff.models", "stablediff.weights", "stablediff.diffusion", "stablediff.train", "stablediff.eval"),

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from stablediff.loading import (
     save,
 )
 from stablediff.params import SCHEDULES, GenerationParams, file_name
+from stablediff.prompt_list import process_rank, read_prompt_file, shard
 from stablediff.train.stages import STAGES, get_stage
 from stablediff.version import __version__
 
@@ -92,9 +93,17 @@ def _add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
         default=None,
         help="take every parameter from a PNG (ours, or A1111's: what it cannot reproduce is listed)",
     )
+    if kind == "generate":
+        p.add_argument(
+            "--prompts",
+            default=None,
+            metavar="FILE",
+            help="a prompt per line (.txt) or GenerationParams per line (.jsonl), the other options as defaults; "
+            "resumes; split over processes under torchrun",
+        )
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (under torchrun: each rank its own GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
 
 
@@ -241,6 +250,8 @@ def _file_from_png(png: str, field: str, value: str, flag: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if getattr(args, "prompts", None):
+        return cmd_prompt_list(args)
     values, model = _params_from_args(args)
     model = model or default_model()
     out = Path(args.out)
@@ -270,27 +281,65 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = pipe.generate(params, callback=progress)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    digest = model_hash(pipe.source) if pipe.source else None
-    name = Path(pipe.source).stem if pipe.source else pipe.spec.name
-    # A preset is named by itself, the bundled model by its name; a file by its file name (to_record).
-    bundled = pipe.source is not None and Path(pipe.source) == bundled_model_path()
-    model_ref = BUNDLED_NAME if bundled else (pipe.source or pipe.spec.name)
+    writer = _ImageWriter(pipe)
     for k, image in enumerate(images):
-        seed = params.seed + k
-        one = GenerationParams(
-            **{
-                **{f.name: getattr(params, f.name) for f in fields(params)},
-                "seed": seed,
-                "batch_size": 1,
-                "latents": None,
-            }
-        )
-        record = one.to_record(model=name, model_file=model_ref, model_hash=digest)
+        path = unique_path(out, str(params.seed + k))
+        print(writer.write(image, params, k, path, args.overwrite))
+    return 0
+
+
+class _ImageWriter:
+    """Writes image k of a run as a PNG with its parameters (A1111's text and our record)."""
+
+    def __init__(self, pipe):
+        self.digest = model_hash(pipe.source) if pipe.source else None
+        self.name = Path(pipe.source).stem if pipe.source else pipe.spec.name
+        # A preset is named by itself, the bundled model by its name; a file by its file name (to_record).
+        bundled = pipe.source is not None and Path(pipe.source) == bundled_model_path()
+        self.model_ref = BUNDLED_NAME if bundled else (pipe.source or pipe.spec.name)
+
+    def write(self, image, params: GenerationParams, k: int, path: Path, overwrite: bool) -> Path:
+        one = replace(params, seed=params.seed + k, batch_size=1, latents=None)
+        record = one.to_record(model=self.name, model_file=self.model_ref, model_hash=self.digest)
         if params.latents is not None:
             record["params"]["latents_given"] = True
-        path = unique_path(out, str(seed))
-        save_png(image, path, one.to_a1111(model_hash=digest, model_name=name), record, overwrite=args.overwrite)
-        print(path)
+        text = one.to_a1111(model_hash=self.digest, model_name=self.name)
+        return save_png(image, path, text, record, overwrite=overwrite)
+
+
+def cmd_prompt_list(args: argparse.Namespace) -> int:
+    """`generate --prompts FILE`: every line's images, this process's share under torchrun."""
+    if args.prompt is not None or args.from_png:
+        raise ValueError("--prompts takes its prompts from the file: give no prompt and no --from")
+    rank, world, local_rank = process_rank()
+    defaults = {k: v for k, v in vars(args).items() if k in _PARAM_FLAGS and v is not None}
+    base_seed = defaults.pop("seed", 0)
+    jobs = shard(read_prompt_file(args.prompts, defaults, base_seed), rank, world)
+    out = Path(args.out)
+    todo = [job for job in jobs if args.overwrite or not all(p.exists() for p in job.paths(out))]
+    print(f"stablediff generate: {len(todo)} of {len(jobs)} prompts to run (process {rank} of {world})", flush=True)
+    if not todo:
+        return 0
+    device = args.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"  # each rank its own GPU
+    pipe = load_pipeline(args.model or default_model(), device=device, dtype=DTYPES[args.dtype])
+    todo = [replace(job, params=pipe.resolve_params(job.params)) for job in todo]
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ImageWriter(pipe)
+    bar = tqdm(total=sum(j.params.steps * j.params.batch_size for j in todo), unit="step", disable=rank != 0 or None)
+    for job in todo:
+        done = bar.n
+
+        def progress(step: int, total: int, done: int = done) -> None:
+            bar.n = done + step
+            bar.refresh()
+
+        images = pipe.generate(job.params, callback=progress)
+        for k, (image, path) in enumerate(zip(images, job.paths(out), strict=True)):
+            if args.overwrite or not path.exists():
+                writer.write(image, job.params, k, path, args.overwrite)
+    bar.close()
     return 0
 
 
