@@ -166,14 +166,14 @@ def test_progress_and_interrupt(server):
     real = worker.pipe.generate
     reached, release = threading.Event(), threading.Event()
 
-    def generate(params, callback=None):
+    def generate(params, callback=None, **kwargs):
         def held(step, total):
             callback(step, total)
             if step >= 2:
                 reached.set()
                 release.wait(30)
 
-        return real(params, callback=held)
+        return real(params, callback=held, **kwargs)
 
     worker.pipe.generate = generate
     result = {}

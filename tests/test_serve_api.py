@@ -264,13 +264,13 @@ def gate(manager):
     real = worker.pipe.generate
     started, release = threading.Event(), threading.Event()
 
-    def generate(params, callback=None):
+    def generate(params, callback=None, **kwargs):
         def held(step, total):
             started.set()
             release.wait(30)
             callback(step, total)
 
-        return real(params, callback=held)
+        return real(params, callback=held, **kwargs)
 
     worker.pipe.generate = generate
     return started, release, lambda: setattr(worker.pipe, "generate", real)

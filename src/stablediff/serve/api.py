@@ -9,6 +9,7 @@ GET  /api/jobs/{id}/events        progress as Server-Sent Events, with a preview
 GET  /api/jobs/{id}/images/{n}    the n-th image (PNG with its parameters)
 POST /api/png-info                the parameters of an uploaded PNG (ours or A1111's)
 GET  /api/models, POST /api/models   list the models, switch the current one
+GET  /api/options                 the samplers and schedules a job may name, the defaults, the model's size
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from stablediff.params import GenerationParams
+from stablediff.params import A1111_SAMPLERS, A1111_SCHEDULES, SCHEDULES, GenerationParams
 from stablediff.serve.jobs import JobManager
 from stablediff.serve.security import RequestError, decode_base64, decode_image
 from stablediff.serve.store import FINISHED
@@ -252,6 +253,20 @@ def switch_model(body: ModelSwitch, request: Request) -> dict[str, Any]:
     manager = manager_of(request)
     switch(manager, body.name, "name")
     return models(request)
+
+
+@router.get("/options", summary="The samplers and schedules jobs may name, the field defaults, the model's size")
+def options(request: Request) -> dict[str, Any]:
+    """What a form needs: the native names (with A1111's labels), the JobRequest defaults and the
+    current model's own image size (the default width and height)."""
+    manager = manager_of(request)
+    defaults = {k: f.default for k, f in JobRequest.model_fields.items() if k != "prompt" and f.default is not None}
+    return {
+        "samplers": [{"name": name, "label": label} for name, label in A1111_SAMPLERS.items()],  # every sampler
+        "schedules": [{"name": name, "label": A1111_SCHEDULES.get(name, "Default")} for name in SCHEDULES],
+        "defaults": defaults,
+        "default_size": manager.current.pipe.spec.default_size,
+    }
 
 
 def switch(manager: JobManager, name: str, field: str) -> None:

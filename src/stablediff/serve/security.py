@@ -2,8 +2,9 @@
 
 `SecurityMiddleware` (plain ASGI) refuses, in this order: a Host header outside the allow-list
 (400: defeats DNS rebinding), a missing or wrong API key when one is set (401, constant-time
-compare), a body over the cap (413, from Content-Length or while reading). No CORS headers are
-ever sent, so browsers keep other sites' pages from reading the answers.
+compare; GET and HEAD of the web page's own files, ``public_paths``, need no key), a body over the
+cap (413, from Content-Length or while reading). No CORS headers are ever sent, so browsers keep
+other sites' pages from reading the answers.
 
 `decode_image` turns uploaded bytes (raw or base64) into a PIL image, refusing oversized files and
 images whose header claims too many pixels (413) before anything is decoded.
@@ -62,11 +63,12 @@ def key_matches(given: str | None, expected: str) -> bool:
 class SecurityMiddleware:
     """Host allow-list, API key and body cap for every HTTP request (see the module text)."""
 
-    def __init__(self, app, config: ServeConfig):
+    def __init__(self, app, config: ServeConfig, public_paths: frozenset[str] = frozenset()):
         self.app = app
         self.allowed = config.allowed_hosts()
         self.api_key = config.api_key
         self.max_body = config.max_body
+        self.public_paths = public_paths  # exact paths readable without the key (the page, no data)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -75,7 +77,8 @@ class SecurityMiddleware:
         host = headers.get("host")
         if host is None or host_name(host) not in self.allowed:
             return await _refuse(send, 400, f"Host {host!r} is not allowed; allowed: {sorted(self.allowed)}")
-        if self.api_key is not None and not key_matches(presented_key(headers), self.api_key):
+        public = scope["method"] in ("GET", "HEAD") and scope["path"] in self.public_paths
+        if self.api_key is not None and not public and not key_matches(presented_key(headers), self.api_key):
             return await _refuse(
                 send, 401, "missing or wrong API key (send 'X-API-Key: KEY' or 'Authorization: Bearer KEY')"
             )
