@@ -27,12 +27,12 @@ from stablediff.params import (
 # An infotext as A1111 1.10 writes it (hires fix and ADetailer on, a LoRA in the prompt); the size and
 # step count are small so that the tiny preset runs it in a second.
 A1111_TEXT = (
-    "a red circle above a blue square, <lora:add_detail:0.8>\n"
+    "a red circle above a blue square, <hypernet:anime:0.8>\n"
     "Negative prompt: ugly, blurry\n"
     "Steps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64, "
     "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Clip skip: 2, "
     "ADetailer model: face_yolov8n.pt, ADetailer confidence: 0.3, Hires upscale: 2, Hires steps: 10, "
-    'Hires upscaler: Latent, Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1'
+    "Hires upscaler: Latent, Version: v1.10.1"
 )
 # A1111 1.10's "scheduler" option per sampler (modules/sd_samplers_kdiffusion.py); none = the model's
 # get_sigmas = "Uniform". DDIM, PLMS and UniPC (sd_samplers_timesteps.py) ignore the schedule type.
@@ -70,7 +70,7 @@ def test_generate_from_an_a1111_png(tmp_path, capsys) -> None:
     made = out.strip()
     record = read_png_metadata(made)["stablediff"]["params"]
     expected = {
-        "prompt": "a red circle above a blue square, ",  # the LoRA tag removed, as A1111 removes it
+        "prompt": "a red circle above a blue square, ",  # the hypernetwork tag removed, as A1111 removes it
         "negative_prompt": "ugly, blurry",
         "steps": 12,
         "sampler": "dpmpp_2m",
@@ -89,9 +89,9 @@ def test_generate_from_an_a1111_png(tmp_path, capsys) -> None:
     keys = [line[len(png) + 2 :].split(": ")[0] for line in warnings]
     assert sorted(keys) == sorted(
         ["Prompt", "Model", "RNG", "ADetailer model", "ADetailer confidence"]
-        + ["Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes"]
+        + ["Hires upscale", "Hires steps", "Hires upscaler"]
     )
-    assert "<lora:add_detail:0.8>" in warnings[keys.index("Prompt")]
+    assert "<hypernet:anime:0.8>" in warnings[keys.index("Prompt")]
     # the image is what those parameters give
     params = GenerationParams(**{k: v for k, v in expected.items()})
     direct = load_pipeline("tiny").generate(params)[0]
@@ -101,7 +101,7 @@ def test_generate_from_an_a1111_png(tmp_path, capsys) -> None:
 def test_from_png_api(tmp_path) -> None:
     params, unmapped = GenerationParams.from_png(a1111_png(tmp_path / "a.png"))
     assert (params.sampler, params.schedule, params.steps, params.strength) == ("dpmpp_2m", "karras", 12, 0.7)
-    assert len(unmapped) == 9 and unmapped[0].startswith("Prompt: <lora:add_detail:0.8>")
+    assert len(unmapped) == 8 and unmapped[0].startswith("Prompt: <hypernet:anime:0.8>")
     # one of ours: the JSON record, nothing unmapped
     ours = GenerationParams("a cat", width=64, height=64, sampler="dpmpp_sde", schedule="beta", seed=5)
     path = tmp_path / "ours.png"

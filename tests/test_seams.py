@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "stablediff"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "seams"
 
 _SHARED = ("stablediff.cli", "stablediff.train", "stablediff.eval")
+ADDON_STAGES = ("stablediff.train.stages.lora", "stablediff.train.stages.embedding")  # subclass stages.unet
 # (modules: a dotted prefix, or `P.*` for each module under P; imports they must not make; modules exempted).
 # A forbidden name covers that module and every module under it; torch and PIL are matched by import name.
 RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -39,15 +40,43 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("stablediff.pipeline", _SHARED, ()),
     ("stablediff.loading", _SHARED, ()),
     ("stablediff.params", _SHARED, ()),
-    ("stablediff.prompts", (*_SHARED, "stablediff.models"), ()),
+    ("stablediff.prompts", (*_SHARED, "stablediff.models", "stablediff.embeddings"), ()),  # sees a Protocol
+    (
+        "stablediff.embeddings",
+        (
+            *_SHARED,
+            "stablediff.models",
+            "stablediff.diffusion",
+            "stablediff.pipeline",
+            "stablediff.loading",
+            "stablediff.tokenizer",
+            "PIL",
+        ),
+        (),
+    ),
     ("stablediff.image", (*_SHARED, "stablediff.models"), ()),
+    # LoRAs: files, names and hooks on the networks; the pipeline uses it, never the other way
+    (
+        "stablediff.lora",
+        (
+            *_SHARED,
+            "stablediff.pipeline",
+            "stablediff.loading",
+            "stablediff.diffusion",
+            "stablediff.presets",
+            "stablediff.serve",
+            "PIL",
+        ),
+        (),
+    ),
     ("stablediff.eval", ("stablediff.train",), ()),
     ("stablediff.train", ("stablediff.eval", "stablediff.cli"), ("stablediff.train.recipe",)),  # recipe evaluates
     # a stage imports neither another stage, nor the registry package, nor the trainer or the recipes
+    # (the add-on stages build on the U-Net stage: test_addon_stages_build_only_on_the_unet_stage)
     (
         "stablediff.train.stages.*",
         ("stablediff.train.stages", "stablediff.train.trainer", "stablediff.train.recipe"),
-        (),
+        ADDON_STAGES,
     ),
     ("stablediff.cli", ("stablediff.models", "stablediff.weights.convert"), ()),
     # a list of params: no model, no pipeline, no torch
@@ -166,6 +195,16 @@ def test_import_rules():
     assert not violations, "forbidden imports:\n" + "\n".join(sorted(set(violations)))
 
 
+def test_addon_stages_build_only_on_the_unet_stage():
+    """The lora and embedding stages subclass the U-Net stage; otherwise they keep the stage rule."""
+    graph = imports(PACKAGE)
+    for name in ADDON_STAGES:
+        stages = {t for t in graph[name] if _under(t, "stablediff.train.stages")}
+        assert stages <= {"stablediff.train.stages.unet"}, f"{name} imports {sorted(stages)}"
+        banned = ("stablediff.train.trainer", "stablediff.train.recipe")
+        assert not [t for t in graph[name] if any(_under(t, b) for b in banned)], name
+
+
 def test_rules_name_existing_modules():
     existing = set(modules(PACKAGE))
     named = {n.removesuffix(".*") for subject, forbidden, exempt in RULES for n in (subject, *forbidden, *exempt)}
@@ -177,7 +216,7 @@ def test_library_has_no_print():
     offenders = [
         f"{p.relative_to(PACKAGE)}:{i}"
         for p in PACKAGE.rglob("*.py")
-        if p.name != "cli.py"
+        if p.name not in ("cli.py", "cli_addons.py")  # the command line's own modules
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if line.lstrip().startswith("print(")
     ]

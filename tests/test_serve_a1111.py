@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -204,3 +205,40 @@ def test_png_info(server):
     assert info["info"].startswith("a star") and info["parameters"]["Seed"] == "4"
     assert info["parameters"]["Size-1"] == "64"
     assert client.post("/sdapi/v1/png-info", json={"image": "@@"}).status_code == 422
+
+
+def test_lora_tags_and_embeddings_through_the_a1111_api(tmp_path, pipe):
+    """A client's <lora:name:w> tag and embedding name work as in A1111: looked up in the server's
+    folders, listed by /loras and /embeddings, named in the infotext with their hashes."""
+    from safetensors.torch import save_file
+    from test_addons_cli import generate, write_lora
+
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    write_lora(loras, pipe)
+    embeddings.mkdir()
+    width = pipe.text_encoder.embeddings.token_embedding.embedding_dim
+    save_file(
+        {"emb_params": torch.randn(1, width, generator=torch.Generator().manual_seed(5))},
+        str(embeddings / "glowstyle.safetensors"),
+    )
+    config = ServeConfig(model="tiny", outputs=tmp_path / "out", lora_dir=loras, embeddings_dir=embeddings)
+    with TestClient(create_app(config), base_url="http://localhost:7860") as client:
+        assert [entry["name"] for entry in client.get("/sdapi/v1/loras").json()] == ["detail"]
+        assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {"glowstyle": {}}}
+        body = {"prompt": "a glowstyle circle <lora:detail:0.7>, ", "steps": 2, "seed": 1, "sampler_name": "DPM++ 2M"}
+        body |= {"scheduler": "Automatic", "cfg_scale": 7.5, "width": 64, "height": 64}
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        infotext = json.loads(answer.json()["info"])["infotexts"][0]
+        assert 'Lora hashes: "detail: ' in infotext and 'TI hashes: "glowstyle: ' in infotext
+        assert client.get("/sdapi/v1/embeddings").json()["loaded"]["glowstyle"]["vectors"] == 1
+        missing = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a <lora:nope:1>"})
+        assert missing.status_code == 422 and "no LoRA named 'nope'" in missing.text
+    pipe.load_lora(loras / "detail.safetensors", 0.7)
+    pipe.load_embedding(embeddings / "glowstyle.safetensors")
+    try:
+        expected = generate(pipe, "a glowstyle circle , ", schedule="karras")
+    finally:
+        pipe.unload_lora()
+        pipe.unload_embedding()
+    assert np.array_equal(decode(answer.json()["images"][0]), expected)

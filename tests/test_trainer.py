@@ -336,7 +336,7 @@ def test_prune_keeps_the_newest_complete_and_drops_debris(finished_run):
 
 
 def test_registry_resolves_lazily_and_names_the_stages():
-    assert set(STAGES) == {"tokenizer", "vae", "text", "unet", "finetune"}
+    assert set(STAGES) == {"tokenizer", "vae", "text", "unet", "finetune", "lora", "embedding"}
     assert get_stage("unet").name == "unet" and get_stage("finetune").name == "finetune"
     with pytest.raises(ValueError, match="unknown training stage 'gan'"):
         get_stage("gan")

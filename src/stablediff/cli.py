@@ -18,20 +18,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from stablediff.cli_addons import add_addon_args, apply_addons
 from stablediff.diffusion import PREDICTION_TYPES, SAMPLERS
 from stablediff.errors import printable
-from stablediff.image import read_png_metadata, save_png, unique_path
+from stablediff.image import read_png_metadata, unique_path
 from stablediff.loading import (
     BUNDLED_NAME,
     LAYOUTS,
     PRESETS,
-    bundled_model_path,
     default_model,
     load_pipeline,
-    model_hash,
     model_metadata,
+    read_spec,
     save,
 )
+from stablediff.memory import check_fits, estimate_generation
+from stablediff.outputs import ImageWriter
 from stablediff.params import SCHEDULES, GenerationParams, file_name
 from stablediff.prompt_list import process_rank, read_prompt_file, shard
 from stablediff.train.stages import STAGES, get_stage
@@ -101,10 +103,22 @@ def _add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
             help="a prompt per line (.txt) or GenerationParams per line (.jsonl), the other options as defaults; "
             "resumes; split over processes under torchrun",
         )
+    add_addon_args(p)
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (under torchrun: each rank its own GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument(
+        "--vae-tiling",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="decode (and encode) the image in tiles: auto = when it would not fit in memory (docs/memory.md)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the estimated peak memory and the memory available, and exit without generating",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
     usage = (
         "stablediff train STAGE --data DIR --out RUN [--key=value ...] [--resume]\n"
+        "stablediff train lora --base MODEL --data DIR --out RUN [--lora_rank=16 ...]\n"
+        "stablediff train embedding --base MODEL --data DIR --token WORD --init-word WORD --out RUN\n"
         "stablediff train recipe NAME --out RUN [--package FILE]\n\n"
         "Any TrainConfig field is an option: --lr=2e-4 --steps=5000 --batch_size=32 (see "
         "stablediff/train/config.py). Under torchrun the same command trains on several processes."
@@ -172,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint (or a checkpoint folder)",
     )
     tr.add_argument("--package", default=None, help="recipe: write the finished, evaluated model to this file")
+    tr.add_argument(
+        "--base", default=None, help="finetune, lora, embedding: the model to start from (a file or folder)"
+    )
+    tr.add_argument("--token", default=None, help="embedding: the new word (not a word of the vocabulary)")
+    tr.add_argument(
+        "--init-word", dest="init_word", default=None, help="embedding: the word whose token embedding it starts from"
+    )
     ev = sub.add_parser("eval", help="how well images follow shapes-world prompts (judged programmatically)")
     ev.add_argument("--model", default=None, help="default: $STABLEDIFF_MODEL or the bundled model")
     ev.add_argument("--suites", default="single,heldout,relation", help="comma-separated: single,heldout,relation")
@@ -193,13 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require this key (X-API-Key or Authorization: Bearer)")
     srv.add_argument("--allow-host", action="append", default=[], help="another Host header name to accept")
     srv.add_argument("--device", default="cpu")
+    srv.add_argument("--lora-dir", default=None, help="the folder of LoRA files prompts' <lora:name:w> tags name")
+    srv.add_argument("--embeddings-dir", default=None, help="a folder of embeddings, loaded when a prompt names one")
     return parser
 
 
-def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
-    """GenerationParams fields from the flags, over those of --from PNG when given; and the model."""
+def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None, list[dict]]:
+    """GenerationParams fields from the flags, over those of --from PNG when given; the model; and
+    the LoRAs the PNG's record says were used."""
     values: dict = {}
     model = None
+    loras: list[dict] = []
     if args.from_png:
         stored = read_png_metadata(args.from_png)["stablediff"]
         if stored is None:  # A1111's "parameters" text alone: say what it does not reproduce
@@ -211,7 +238,7 @@ def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
             params, stored_model = GenerationParams.from_record(stored, args.from_png)
             if stored["params"].get("latents_given"):
                 raise ValueError(f"{args.from_png} was made from explicit latents, which a PNG cannot hold")
-            model = stored_model["model_file"]
+            model, loras = stored_model["model_file"], stored_model["loras"]
         values = {f.name: getattr(params, f.name) for f in fields(GenerationParams) if f.name != "latents"}
     given = {k: v for k, v in vars(args).items() if k in values or k in _PARAM_FLAGS or k in ("init_image", "mask")}
     values.update({k: v for k, v in given.items() if v is not None})
@@ -227,7 +254,7 @@ def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
         raise ValueError("a prompt is needed (or --from IMAGE.png)")
     if values.get("seed") is None:
         values["seed"] = secrets.randbelow(2**32)
-    return values, args.model or model
+    return values, args.model or model, loras
 
 
 def _file_from_png(png: str, field: str, value: str, flag: str) -> str:
@@ -252,13 +279,20 @@ def _file_from_png(png: str, field: str, value: str, flag: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     if getattr(args, "prompts", None):
         return cmd_prompt_list(args)
-    values, model = _params_from_args(args)
+    values, model, stored_loras = _params_from_args(args)
     model = model or default_model()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
     GenerationParams(**values).validate()  # fail before loading the model
+    spec = read_spec(model)  # None for a pickled checkpoint: known once read
+    if spec is not None and _memory_check(args, spec, values, loaded=False):
+        return 0
     pipe = load_pipeline(model, device=args.device, dtype=DTYPES[args.dtype])
+    apply_addons(pipe, args, stored_loras)
+    pipe.vae_tiling = args.vae_tiling
+    if spec is None and _memory_check(args, pipe.spec, values, loaded=True):
+        return 0
     # Without --width/--height, the model's own image size (512 for SD 1.x, 64 for the bundled model):
     # the size the pipeline uses, recorded in the PNGs.
     params = pipe.resolve_params(GenerationParams(**values)).validate()
@@ -281,36 +315,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = pipe.generate(params, callback=progress)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    writer = _ImageWriter(pipe)
+    writer = ImageWriter(pipe)
     for k, image in enumerate(images):
         path = unique_path(out, str(params.seed + k))
         print(writer.write(image, params, k, path, args.overwrite))
     return 0
 
 
-class _ImageWriter:
-    """Writes image k of a run as a PNG with its parameters (A1111's text and our record)."""
-
-    def __init__(self, pipe):
-        self.digest = model_hash(pipe.source) if pipe.source else None
-        self.name = Path(pipe.source).stem if pipe.source else pipe.spec.name
-        # A preset is named by itself, the bundled model by its name; a file by its file name (to_record).
-        bundled = pipe.source is not None and Path(pipe.source) == bundled_model_path()
-        self.model_ref = BUNDLED_NAME if bundled else (pipe.source or pipe.spec.name)
-
-    def write(self, image, params: GenerationParams, k: int, path: Path, overwrite: bool) -> Path:
-        one = replace(params, seed=params.seed + k, batch_size=1, latents=None)
-        record = one.to_record(model=self.name, model_file=self.model_ref, model_hash=self.digest)
-        if params.latents is not None:
-            record["params"]["latents_given"] = True
-        text = one.to_a1111(model_hash=self.digest, model_name=self.name)
-        return save_png(image, path, text, record, overwrite=overwrite)
+def _memory_check(args: argparse.Namespace, spec, values: dict, loaded: bool) -> bool:
+    """--dry-run: print the memory estimate and say so (True); otherwise refuse a run that would
+    not fit, before it allocates (and, unless ``loaded``, before the model is read)."""
+    params = GenerationParams(**values)
+    estimate = estimate_generation(spec, params, DTYPES[args.dtype], args.device, args.vae_tiling)
+    if args.dry_run:
+        where = f"{params.width or spec.default_size}x{params.height or spec.default_size}"
+        print(
+            f"stablediff {args.command}: memory estimate for {where}, batch {params.batch_size}, {args.dtype}, "
+            f"on {args.device}"
+        )
+        print("\n".join(estimate.lines()))
+        return True
+    check_fits(estimate, loaded=loaded)
+    return False
 
 
 def cmd_prompt_list(args: argparse.Namespace) -> int:
     """`generate --prompts FILE`: every line's images, this process's share under torchrun."""
     if args.prompt is not None or args.from_png:
         raise ValueError("--prompts takes its prompts from the file: give no prompt and no --from")
+    if args.dry_run:
+        raise ValueError("--dry-run estimates one generation: give a prompt, not --prompts")
     rank, world, local_rank = process_rank()
     defaults = {k: v for k, v in vars(args).items() if k in _PARAM_FLAGS and v is not None}
     base_seed = defaults.pop("seed", 0)
@@ -324,9 +358,11 @@ def cmd_prompt_list(args: argparse.Namespace) -> int:
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"  # each rank its own GPU
     pipe = load_pipeline(args.model or default_model(), device=device, dtype=DTYPES[args.dtype])
+    apply_addons(pipe, args)
+    pipe.vae_tiling = args.vae_tiling
     todo = [replace(job, params=pipe.resolve_params(job.params)) for job in todo]
     out.mkdir(parents=True, exist_ok=True)
-    writer = _ImageWriter(pipe)
+    writer = ImageWriter(pipe)
     bar = tqdm(total=sum(j.params.steps * j.params.batch_size for j in todo), unit="step", disable=rank != 0 or None)
     for job in todo:
         done = bar.n
@@ -470,12 +506,14 @@ def _stage_progress(stage: str):
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from stablediff.train.config import TrainConfig, apply_overrides
 
+    # --base, --token and --init-word are TrainConfig fields too, also written --key=value
+    named = [f"{key}={getattr(args, key)}" for key in ("base", "token", "init_word") if getattr(args, key) is not None]
     if args.stage == "recipe":
         from stablediff.train.recipe import build_bundled_model, run_recipe
 
         if not args.recipe:
             raise ValueError("stablediff train recipe needs a recipe name or file, e.g. `train recipe shapes`")
-        if overrides or args.data:
+        if overrides or args.data or named:
             raise ValueError("a recipe takes its settings from its file; edit a copy to change them")
         if args.package:
             print(build_bundled_model(args.recipe, args.out, args.package, _stage_progress))
@@ -490,7 +528,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         )
     if args.data != "shapes" and not Path(args.data).exists():
         raise ValueError(f"--data {args.data} does not exist")
-    config = apply_overrides(TrainConfig(stage=args.stage, data=args.data, out=args.out), overrides)
+    # the stage and its fields arrive together: a lora or embedding config is checked only whole
+    config = apply_overrides(TrainConfig(data=args.data, out=args.out), [f"stage={args.stage}", *named, *overrides])
     if args.stage == "tokenizer":
         print(get_stage("tokenizer")(config).fit(args.out))
         return 0
@@ -515,6 +554,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         device=args.device,
         extra_hosts=tuple(args.allow_host),
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+        embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
     ).check()  # a refused configuration fails before the model loads
     app = create_app(config)
     host = f"[{config.host}]" if ":" in config.host else config.host

@@ -53,6 +53,7 @@ from stablediff.weights.io import (
     detect_format,
     file_mode,
     read_metadata,
+    read_shapes,
     read_state_dict,
     write_safetensors,
 )
@@ -125,6 +126,30 @@ def load_pipeline(
     if prediction_type is not None:
         pipe.spec = replace(pipe.spec, prediction_type=prediction_type)
     return pipe
+
+
+def read_spec(path_or_preset: str | os.PathLike | None = None) -> ModelSpec | None:
+    """A model's ModelSpec without reading its weights (for memory estimates before loading): a
+    preset's; the spec our files store; a diffusers folder's configs; the tensor shapes of a
+    foreign safetensors file. None for pickled checkpoints, which must be read to be known."""
+    if path_or_preset is None:
+        path_or_preset = default_model()
+    path = bundled_model_path() if str(path_or_preset) == BUNDLED_NAME else Path(path_or_preset)
+    if path.is_dir():
+        with _naming(path):
+            tokenizer = _tokenizer(path / "tokenizer", lambda: CLIPTokenizer.from_folder(path / "tokenizer"))
+            return _diffusers_spec(path, _part_file(path, "unet"), tokenizer)[0]
+    if path.exists():
+        if detect_format(path) != "safetensors":
+            return None
+        with _naming(path):
+            spec = stored_spec(read_metadata(path), path)
+            if spec is None:  # shapes alone, on the meta device: nothing is allocated
+                meta = {k: torch.empty(shape, device="meta") for k, shape in read_shapes(path).items()}
+                parts = convert.split_single_file(meta)
+                spec = spec_from_parts(parts["unet"], parts["vae"], parts["text"], parts["text_format"], "epsilon")
+            return spec
+    return get_preset(str(path_or_preset)) if str(path_or_preset) in PRESETS else None
 
 
 BUNDLED_NAME = "shapes"

@@ -7,6 +7,9 @@ work (SDPA kernels, chunking, upcasting) happens once for all three models.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +20,48 @@ from torch import nn
 ATTENTION_CHUNK_ELEMENTS = 1 << 28
 
 
+# What GroupNorm32 calls instead of normalising, set by `group_norm_override` for the current
+# thread only: tiled VAE passes (stablediff.tiling) normalise each tile with whole-image statistics.
+_NORM_OVERRIDE: ContextVar[Callable[[GroupNorm32, torch.Tensor], torch.Tensor] | None] = ContextVar(
+    "group_norm_override", default=None
+)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype, as the original LDM code does:
     half-precision statistics over large feature maps lose too much."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16):
-            weight = self.weight.float() if self.weight is not None else None
-            bias = self.bias.float() if self.bias is not None else None
-            return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
-        return super().forward(x)
+        override = _NORM_OVERRIDE.get()
+        return self.normalize(x) if override is None else override(self, x)
+
+    def normalize(self, x: torch.Tensor, mean: torch.Tensor | None = None, var: torch.Tensor | None = None):
+        """``x`` normalised with its own statistics, or with the given per-(sample, group) ``mean``
+        and (biased) ``var``, each [B, num_groups]; in float32, returned in ``x``'s dtype."""
+        if mean is None or var is None:
+            if x.dtype in (torch.float16, torch.bfloat16):
+                weight = self.weight.float() if self.weight is not None else None
+                bias = self.bias.float() if self.bias is not None else None
+                return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+            return super().forward(x)
+        # One multiply-add per element: scale = w / std and shift = b - mean * scale, per channel.
+        per_group = self.num_channels // self.num_groups
+        scale = torch.rsqrt(var.float() + self.eps).repeat_interleave(per_group, dim=1)  # [B, C]
+        shift = -mean.float().repeat_interleave(per_group, dim=1) * scale
+        if self.affine:
+            scale, shift = scale * self.weight.float(), shift * self.weight.float() + self.bias.float()
+        view = (*scale.shape, *(1,) * (x.ndim - 2))
+        return torch.addcmul(shift.view(view), x.float(), scale.view(view)).to(x.dtype)
+
+
+@contextmanager
+def group_norm_override(fn: Callable[[GroupNorm32, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, on this thread only, every GroupNorm32 returns ``fn(module, x)``."""
+    token = _NORM_OVERRIDE.set(fn)
+    try:
+        yield
+    finally:
+        _NORM_OVERRIDE.reset(token)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -72,8 +107,10 @@ def attention(
     d = inner // heads
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    # [B, L, H*D] -> [B, H, L, D]
+    # [B, L, H*D] -> [B, H, L, D]; the fused kernels want unit stride along D (the VAE passes its
+    # channels-first maps transposed): without it SDPA falls back to materialising the scores.
     q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     per_query = b * heads * lk
     if causal or lq * per_query <= ATTENTION_CHUNK_ELEMENTS:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)

@@ -117,8 +117,13 @@ _A1111_TIMESTEP_SAMPLERS = ("ddim", "plms", "unipc")
 # A1111 keys that are read, and keys that describe the file rather than the generation.
 _A1111_READ = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
 _A1111_READ |= {"Denoising strength", "Clip skip", "CFG Rescale", "RNG", "ENSD", "Model", "Model hash", "Version"}
-# A1111's extra networks in a prompt (A1111 removes the tags before encoding the prompt).
-_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")
+_A1111_READ |= {"Lora hashes", "TI hashes"}  # the LoRA tags and embedding names of the prompt say what is used
+# A1111's extra networks, removed before encoding as A1111 does: a prompt's <lora:...> tags apply here
+# too (the pipeline reads them), so only hypernetworks are taken out of it; a negative prompt loses all
+_EXTRA_NETWORK = {
+    "prompt": re.compile(r"<hypernet:[^>]*>"),
+    "negative_prompt": re.compile(r"<(?:lora|lyco|hypernet):[^>]*>"),
+}
 
 _JSON_FORMAT = "stablediff.GenerationParams/1"
 _LIMITS = LIMITS["GenerationParams"]
@@ -264,8 +269,17 @@ class GenerationParams:
 
     # ---- the PNG record -----------------------------------------------------------------------
 
-    def to_record(self, model: str | None, model_file: str | None, model_hash: str | None) -> dict[str, Any]:
-        """The ``stablediff`` PNG chunk: these params as JSON, the model's name, file and hash.
+    def to_record(
+        self,
+        model: str | None,
+        model_file: str | None,
+        model_hash: str | None,
+        loras: Sequence[Mapping[str, Any]] = (),
+        embeddings: Mapping[str, str | None] | None = None,
+    ) -> dict[str, Any]:
+        """The ``stablediff`` PNG chunk: these params as JSON, the model's name, file and hash, and
+        the add-ons used (as ``to_a1111`` takes them): ``loras`` [{name, unet, text, hash, in_prompt}]
+        and ``embeddings`` {name: hash}, by name and hash only.
 
         A PNG is shared: it carries the *file names* of the model, init image and mask, never a
         folder of the machine that made it (``model_file`` may also be a preset's name).
@@ -279,6 +293,8 @@ class GenerationParams:
             "model": model,
             "model_hash": model_hash,
             "model_file": None if model_file is None else file_name(model_file),
+            "loras": [{k: u.get(k) for k in ("name", "unet", "text", "hash", "in_prompt")} for u in loras],
+            "embeddings": dict(embeddings or {}),
             "version": __version__,
         }
 
@@ -297,6 +313,7 @@ class GenerationParams:
         for key, value in model.items():
             if value is not None and not isinstance(value, str):
                 raise BadFileError(f"{source}: the stablediff chunk's {key!r} must be a string, got {value!r:.60}")
+        model["loras"] = _read_lora_uses(record.get("loras", []), source)
         data = record["params"]
         if "latents" in data and data["latents"] is not None:
             raise BadFileError(f"{source}: stored latents must be null (a PNG cannot hold them)")
@@ -310,10 +327,22 @@ class GenerationParams:
 
     # ---- AUTOMATIC1111 infotext ---------------------------------------------------------------
 
-    def to_a1111(self, model_hash: str | None = None, model_name: str | None = None, seed: int | None = None) -> str:
+    def to_a1111(
+        self,
+        model_hash: str | None = None,
+        model_name: str | None = None,
+        seed: int | None = None,
+        loras: Sequence[Mapping[str, Any]] = (),
+        embeddings: Mapping[str, str | None] | None = None,
+    ) -> str:
         """The AUTOMATIC1111 ``parameters`` text for one image (``seed`` overrides ``self.seed``,
         e.g. for the i-th image of a batch). Fields follow A1111's order; ``None`` ones are left out
         as A1111 does. Keys A1111 lacks: "CFG Rescale" (the CFG_Rescale_webui extension's key).
+
+        ``loras``: the LoRAs used (``lora_uses``: name, unet and text weights, hash, whether a prompt
+        tag named it); those loaded outside the prompt are written into it as ``<lora:name:w>`` tags,
+        A1111's only way to name them, and every one goes in "Lora hashes". ``embeddings``: the
+        textual-inversion names in the prompts and their hashes ("TI hashes").
 
         "Schedule type" is always a concrete A1111 type, never "Automatic" (which A1111 reads as the
         sampler's own default): "default" is written as ``A1111_DEFAULT_AS[sampler]``. "RNG: CPU":
@@ -333,11 +362,14 @@ class GenerationParams:
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,  # A1111 omits the default
             "RNG": "CPU",
             "CFG Rescale": float(self.guidance_rescale) if self.guidance_rescale > 0 else None,
+            "Lora hashes": ", ".join(f"{u['name']}: {u['hash']}" for u in loras if u.get("hash")) or None,
+            "TI hashes": ", ".join(f"{n}: {h}" for n, h in (embeddings or {}).items() if h) or None,
             "Version": f"stablediff {__version__}",
         }
         line = ", ".join(f"{k}: {_quote(v)}" for k, v in items.items() if v is not None)
+        tags = "".join(f" {_lora_tag(u)}" for u in loras if not u.get("in_prompt"))
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
-        return f"{self.prompt}{negative}\n{line}".strip()
+        return f"{self.prompt}{tags}{negative}\n{line}".strip()
 
     @classmethod
     def from_a1111(cls, text: str) -> GenerationParams:
@@ -355,9 +387,10 @@ class GenerationParams:
         for the sampler (``A1111_AUTOMATIC``); "DPM++ 2M Karras" (before 1.9) is the sampler and the
         schedule. Listed (nothing is dropped silently): an unknown sampler (replaced by DPM++ 2M) or
         schedule type (replaced by the sampler's "Automatic"); every key that is not a parameter
-        here ("Hires upscale", "ADetailer model", "Lora hashes", "Eta", a nonzero "ENSD", ...); the
-        model, which is not looked up by name; A1111's GPU noise ("RNG" other than CPU, or none);
-        extra-network tags in the prompts (``<lora:..>``, removed as A1111 removes them).
+        here ("Hires upscale", "ADetailer model", "Eta", a nonzero "ENSD", ...); the model, which is
+        not looked up by name; A1111's GPU noise ("RNG" other than CPU, or none); hypernetwork tags,
+        and any extra-network tag in the negative prompt (removed as A1111 removes them). A prompt's
+        ``<lora:...>`` tags stay: the pipeline applies them (looked up in its LoRA folder).
         """
         return cls._from_a1111(text, lenient=True)
 
@@ -407,9 +440,9 @@ class GenerationParams:
         prompts = {"prompt": info["Prompt"], "negative_prompt": info["Negative prompt"]}
         if lenient:
             for name, key in (("prompt", "Prompt"), ("negative_prompt", "Negative prompt")):
-                for tag in _EXTRA_NETWORK.findall(prompts[name]):
-                    unmapped.append(f"{key}: {tag} (LoRAs and hypernetworks are not supported; the tag is removed)")
-                prompts[name] = _EXTRA_NETWORK.sub("", prompts[name])
+                for tag in _EXTRA_NETWORK[name].findall(prompts[name]):
+                    unmapped.append(f"{key}: {tag} (not supported here; the tag is removed)")
+                prompts[name] = _EXTRA_NETWORK[name].sub("", prompts[name])
         params = cls(**prompts, sampler=sampler, schedule=schedule)
         conversions = {
             "Steps": ("steps", int),
@@ -433,6 +466,25 @@ class GenerationParams:
         if lenient:
             unmapped += _a1111_unread(info)
         return params, unmapped
+
+
+def _read_lora_uses(value: Any, source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The ``loras`` of a stranger's record, each entry's types checked (BadFileError otherwise)."""
+    bad = BadFileError(
+        f"{source}: the stablediff chunk's 'loras' must be a list of {{name, unet, text, hash, in_prompt}}"
+    )
+    if not isinstance(value, list) or len(value) > 64:
+        raise bad
+    uses = []
+    for use in value:
+        if not isinstance(use, dict) or not isinstance(use.get("name"), str) or not use["name"]:
+            raise bad
+        if not all(_is_real(use.get(k)) and math.isfinite(use[k]) for k in ("unet", "text")):
+            raise bad
+        if not (use.get("hash") is None or isinstance(use["hash"], str)) or not isinstance(use.get("in_prompt"), bool):
+            raise bad
+        uses.append({k: use[k] for k in ("name", "unet", "text", "hash", "in_prompt")})
+    return uses
 
 
 def _a1111_unread(info: Mapping[str, str]) -> list[str]:
@@ -477,6 +529,12 @@ def parse_a1111(text: str) -> dict[str, str]:
     for key, value in _ITEM.findall(last):
         out[key] = _unquote(value.strip())
     return out
+
+
+def _lora_tag(use: Mapping[str, Any]) -> str:
+    """A1111's tag for a LoRA use: ``<lora:name:w>``, or ``<lora:name:text:unet>`` when they differ."""
+    unet, text = float(use.get("unet", 1.0)), float(use.get("text", use.get("unet", 1.0)))
+    return f"<lora:{use['name']}:{text:g}>" if unet == text else f"<lora:{use['name']}:{text:g}:{unet:g}>"
 
 
 def file_name(path: str | os.PathLike[str]) -> str:

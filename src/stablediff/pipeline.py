@@ -10,13 +10,16 @@ numbers are drawn, so that the same weights, seed and settings give the same ima
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from stablediff.addons import AddOns
 from stablediff.diffusion import (
     CFGDenoiser,
     Denoiser,
@@ -25,6 +28,7 @@ from stablediff.diffusion import (
     get_sampler,
     sampling_plan,
 )
+from stablediff.embeddings import embed_tokens
 from stablediff.image import (
     image_to_tensor,
     load_image,
@@ -35,11 +39,23 @@ from stablediff.image import (
 )
 from stablediff.models.clip import CLIPTextModel
 from stablediff.models.unet import UNetModel
-from stablediff.models.vae import AutoencoderKL
+from stablediff.models.vae import AutoencoderKL, DiagonalGaussian
 from stablediff.params import GenerationParams
 from stablediff.presets import ModelSpec
 from stablediff.prompts import encode_chunks, pad_chunks, tokenize_prompt
+from stablediff.tiling import (
+    DEFAULT_TILE,
+    available_memory,
+    decode_bytes,
+    decode_tiled,
+    encode_bytes,
+    encode_tiled,
+    use_tiling,
+)
 from stablediff.tokenizer import CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+_HALF = (torch.float16, torch.bfloat16)
 
 # callback(step, total_steps): called after each sampler step.
 ProgressCallback = Callable[[int, int], None]
@@ -49,8 +65,9 @@ PreviewCallback = Callable[[torch.Tensor], None]
 
 
 @dataclass
-class StableDiffusion:
-    """A loaded model. Build one with `stablediff.load_pipeline`."""
+class StableDiffusion(AddOns):
+    """A loaded model. Build one with `stablediff.load_pipeline`. Its LoRA and embedding methods
+    (`load_lora`, `load_embedding`, ...) come from `AddOns`."""
 
     unet: UNetModel
     vae: AutoencoderKL
@@ -63,6 +80,15 @@ class StableDiffusion:
     # with seed + k; together, equal within rounding, and batched kernels fill a GPU better.
     # None: together on CUDA devices, one at a time elsewhere.
     batch_images: bool | None = field(default=None)
+    # VAE tiling (stablediff.tiling, docs/memory.md): "auto" tiles a decode or encode whose estimated
+    # peak exceeds `vae_memory_budget` bytes (None: the memory available on the device at the time);
+    # "always" and "never" force the choice. `vae_tile_size`: pixels per side of a tile's core.
+    vae_tiling: str = field(default="auto")
+    vae_tile_size: int = field(default=DEFAULT_TILE)
+    vae_memory_budget: int | None = field(default=None)
+    # What the last `generate` redid in float32 after float16/bfloat16 overflowed: "sampling",
+    # "decode", both, or nothing.
+    last_fallback: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -89,15 +115,20 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> tuple[torch.Tensor, ...]:
         """(cond, uncond) contexts, each [1, 77 * chunks, width]. Long prompts are split in
-        75-token chunks, `(word:1.3)` weights applied (see docs/prompts.md). `clip_skip` counts as
-        in the web UIs: 1 = the model's own layer, 2 = one layer earlier, ..."""
+        75-token chunks, `(word:1.3)` weights applied, loaded embeddings' tokens read as their vectors
+        (see docs/prompts.md). `clip_skip` counts as in the web UIs: 1 = the model's own layer,
+        2 = one layer earlier, ..."""
         skip = self.text_encoder.config.skip_layers + clip_skip - 1
 
-        def encode(ids: torch.Tensor) -> torch.Tensor:
-            return self.text_encoder(ids, skip_layers=skip)
+        def encode(ids: torch.Tensor, fixes=()) -> torch.Tensor:
+            # Textual-inversion vectors go in place of their placeholders' token embeddings.
+            rows = embed_tokens(self.text_encoder.embeddings.token_embedding, ids, fixes) if fixes else None
+            return self.text_encoder(ids, skip_layers=skip, token_embeds=rows)
 
+        table = self._embedding_table if len(self._embedding_table) else None
         cond, uncond = pad_chunks(
-            tokenize_prompt(self.tokenizer, prompt), tokenize_prompt(self.tokenizer, negative_prompt)
+            tokenize_prompt(self.tokenizer, prompt, embeddings=table),
+            tokenize_prompt(self.tokenizer, negative_prompt, embeddings=table),
         )
         return encode_chunks(encode, cond, self.device), encode_chunks(encode, uncond, self.device)
 
@@ -114,34 +145,80 @@ class StableDiffusion:
         preview: PreviewCallback | None = None,
     ) -> list[Image.Image]:
         """Images for `params` (resolved by `resolve_params` and validated first; nothing is computed
-        for invalid params). A non-finite result is a ValueError that says where it arose: in the
-        latents (sampling) or in the decoded image, and in which dtype."""
-        latents = self.sample_latents(params, callback, preview)
+        for invalid params).
+
+        A non-finite result is never returned. With the U-Net in float16/bfloat16, the sampling
+        stops at the first step whose estimate is NaN or inf and runs again with the networks in
+        float32 (progress starts over); a decoded image that is not finite from a half-precision VAE
+        is decoded again in float32. Each fallback logs a warning and is named in `last_fallback`;
+        the weights are back in their dtype afterwards, bit for bit. What stays non-finite in
+        float32 is a ValueError that says where it arose: in the latents or in the decoded image."""
+        self.last_fallback = ()
+        half = self.dtype in _HALF
+        try:
+            latents = self.sample_latents(params, callback, _stop_when_non_finite(preview) if half else preview)
+            overflowed = half and not torch.isfinite(latents).all()
+        except _NonFinite:
+            overflowed = True
+        if overflowed:
+            nets = (self.unet, self.text_encoder) + ((self.vae,) if params.init_image is not None else ())
+            self._fall_back("sampling", f"the U-Net in {self.dtype}")
+            with _in_float32(*nets):
+                latents = self.sample_latents(params, callback, preview)
         if not torch.isfinite(latents).all():
             raise ValueError(
-                f"the latents became non-finite (NaN or inf) during sampling, with the U-Net in {self.dtype}: "
-                "the weights may hold NaN or inf, or the guidance scale overflows"
+                f"the latents became non-finite (NaN or inf) during sampling, with the U-Net in {self.dtype}"
+                f"{' and again in float32' if overflowed else ''}: the weights may hold NaN or inf, or the "
+                "guidance scale overflows"
             )
         images = self.decode(latents)
+        vae_dtype = next(self.vae.parameters()).dtype
+        retried = vae_dtype in _HALF and not torch.isfinite(images).all()
+        if retried:
+            self._fall_back("decode", f"the VAE in {vae_dtype}")
+            with _in_float32(self.vae):
+                images = self.decode(latents)
         if not torch.isfinite(images).all():
-            vae_dtype = next(self.vae.parameters()).dtype
-            if vae_dtype == torch.float16:
-                raise ValueError(
-                    "the decoded image holds NaN or inf: the VAE overflowed in float16 (the latents were finite); "
-                    "run the VAE in float32 or bfloat16"
-                )
             raise ValueError(
-                f"the decoded image became non-finite (NaN or inf) with the VAE in {vae_dtype}, although the "
-                "latents were finite: the VAE weights may hold NaN or inf"
+                f"the decoded image became non-finite (NaN or inf) with the VAE in {vae_dtype}"
+                f"{' and again in float32' if retried else ''}, although the latents were finite: "
+                "the VAE weights may hold NaN or inf"
             )
         return tensor_to_images(images)
+
+    def _fall_back(self, part: str, where: str) -> None:
+        self.last_fallback += (part,)
+        logger.warning("%s overflowed (NaN or inf) with %s; redoing it in float32", part, where)
+
+    def uses_vae_tiling(self, height: int, width: int, encode: bool = False) -> bool:
+        """Whether a VAE decode (or encode) of a height x width image is tiled, as `vae_tiling`
+        says: in "auto" mode, when its estimated peak exceeds the budget."""
+        itemsize = next(self.vae.parameters()).element_size()
+        estimate = (encode_bytes if encode else decode_bytes)(self.vae.config, height, width, itemsize)
+        budget = self.vae_memory_budget
+        return use_tiling(self.vae_tiling, estimate, available_memory(self.device) if budget is None else budget)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1], one image at a time
-        (VAE decoding memory grows fast with batch)."""
+        (VAE decoding memory grows fast with batch), tiled as `vae_tiling` says."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return torch.cat([self.vae.decode(z[None].to(self.device, vae_dtype)).float() for z in latents])
+        f = self.vae.config.downscale
+        tiled = self.uses_vae_tiling(latents.shape[-2] * f, latents.shape[-1] * f)
+        images = []
+        for z in latents:
+            z = z[None].to(self.device, vae_dtype)
+            images.append((decode_tiled(self.vae, z, self.vae_tile_size) if tiled else self.vae.decode(z)).float())
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> DiagonalGaussian:
+        """The VAE posterior (over scaled latents) of images [B, 3, H, W] in [-1, 1], tiled as
+        `vae_tiling` says."""
+        images = images.to(self.device, next(self.vae.parameters()).dtype)
+        if self.uses_vae_tiling(images.shape[-2], images.shape[-1], encode=True):
+            return encode_tiled(self.vae, images, self.vae_tile_size)
+        return self.vae.encode(images)
 
     @torch.no_grad()
     def sample_latents(
@@ -150,8 +227,15 @@ class StableDiffusion:
         callback: ProgressCallback | None = None,
         preview: PreviewCallback | None = None,
     ) -> torch.Tensor:
-        """Run the sampler; returns the final scaled latents [B, 4, h, w] in float32."""
+        """Run the sampler; returns the final scaled latents [B, 4, h, w] in float32. The prompt's
+        ``<lora:name:w>`` tags apply to this run only (`AddOns.prompt_addons`)."""
         params = self.resolve_params(params).validate()
+        with self.prompt_addons(params.prompt, params.negative_prompt) as prompt:
+            return self._sample(replace(params, prompt=prompt), callback, preview)
+
+    def _sample(
+        self, params: GenerationParams, callback: ProgressCallback | None, preview: PreviewCallback | None
+    ) -> torch.Tensor:
         if self.spec.is_inpaint and params.mask is None:
             raise ValueError(f"{self.spec.name} is an inpainting model: pass init_image and mask")
         f = self.spec.vae.downscale
@@ -234,11 +318,7 @@ class _Inputs:
         self.full_strength_inpaint = self.inpaint and params.strength >= 1.0
         if params.init_image is None:
             return
-        device, vae_dtype = pipe.device, next(pipe.vae.parameters()).dtype
-
-        def encode(image: torch.Tensor):
-            return pipe.vae.encode(image.to(device, vae_dtype))
-
+        device, encode = pipe.device, pipe.encode_image
         picture = load_image(params.init_image)
         image = image_to_tensor(resize_for_model(picture, params.width, params.height))
         # 9-channel models see the masked image through `concat`; they need the image's own latent
@@ -297,3 +377,39 @@ class _Start:
             # diffusers encodes the masked image for every inpainting pipeline; a 4-channel model
             # does not use it, but drawing its noise keeps the generator in step with diffusers'.
             torch.randn(latent_shape, generator=generator)
+
+
+class _NonFinite(Exception):
+    """Raised from the sampler's callback to stop a half-precision sampling that overflowed."""
+
+
+def _stop_when_non_finite(preview: PreviewCallback | None) -> PreviewCallback:
+    """A preview callback that stops the sampling at the first NaN or inf in the step's x0 estimate
+    (the latents themselves stay float32: a non-finite value can only come from the network), then
+    passes the estimate on to ``preview``."""
+
+    def watch(denoised: torch.Tensor) -> None:
+        if not torch.isfinite(denoised).all():
+            raise _NonFinite
+        if preview is not None:
+            preview(denoised)
+
+    return watch
+
+
+@contextlib.contextmanager
+def _in_float32(*nets: torch.nn.Module) -> Iterator[None]:
+    """The networks' float16/bfloat16 parameters and buffers in float32 within the block, then back
+    in their dtype: bit-identical, since float32 holds every float16 and bfloat16 value. The same
+    tensor objects throughout (hooks and references to them stay valid)."""
+    saved: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
+    for net in nets:
+        for t in (*net.parameters(), *net.buffers()):
+            if t.dtype in _HALF and id(t) not in saved:
+                saved[id(t)] = (t, t.dtype)
+                t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in saved.values():
+            t.data = t.data.to(dtype)

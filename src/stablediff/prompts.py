@@ -9,12 +9,17 @@ Three steps turn a prompt into text-encoder conditioning (see docs/prompts.md):
 
 A plain prompt of at most 75 tokens gives exactly ``tokenizer(prompt)`` and exactly the encoder's
 output, so it matches diffusers bit for bit. No model imports: the encoder is a callable.
+
+Textual-inversion embeddings (``stablediff.embeddings``) enter through ``tokenize_prompt``'s
+``embeddings``: each piece is split where an embedding's name stands, and the embedding takes one
+placeholder position per vector, recorded in ``Chunk.fixes``; ``encode_chunks`` hands those to the
+encoder, which reads the vectors there in place of the placeholders' token embeddings.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +30,7 @@ ROUND = 1.1  # "(x)" multiplies attention by this
 SQUARE = 1 / 1.1  # "[x]"; A1111 multiplies by 1/1.1 rather than dividing, and so do we (same bits)
 BREAK = ("BREAK", -1.0)  # marker in parse_prompt's output; A1111 uses the same pair
 COMMA_BACKTRACK = 20  # A1111's "comma padding backtrack" default, in tokens
+PLACEHOLDER_ID = 0  # the id at an embedding vector's position (A1111 uses 0 too); the encoder never reads it
 
 _TOKEN = re.compile(
     r"""
@@ -50,18 +56,31 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+class PromptEmbeddings(Protocol):
+    """What chunking needs from loaded textual-inversion embeddings
+    (``stablediff.embeddings.EmbeddingTable`` has it)."""
+
+    def split(self, text: str) -> list[str | Sized]:
+        """``text`` cut where embedding names stand: text pieces and embeddings (``len`` = vectors)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One text-encoder input: ``ids`` and ``weights`` of length ``max_length`` (77).
 
     ``ids`` = BOS, ``n_tokens`` prompt tokens, EOS, then ``pad_id`` up to the length.
     ``weights`` are the emphasis of each prompt token and 1.0 for BOS, EOS and padding.
+    ``fixes``: ``(position in ids, embedding)`` for each textual-inversion embedding in the chunk;
+    its ``len(embedding)`` vectors stand at ``ids[position:position + len(embedding)]``, which hold
+    ``PLACEHOLDER_ID`` (embeddings compare by identity).
     """
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
     n_tokens: int
     pad_id: int
+    fixes: tuple[tuple[int, Sized], ...] = ()
 
     @property
     def plain(self) -> bool:
@@ -127,12 +146,22 @@ def parse_prompt(text: str) -> list[tuple[str, float]]:
     return [BREAK if is_break else (piece, weight) for piece, weight, is_break in merged]
 
 
-def tokenize_prompt(tokenizer: Tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+def tokenize_prompt(
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: PromptEmbeddings | None = None,
+) -> list[Chunk]:
     """Parse ``text`` and pack its tokens into chunks of ``max_length - 2`` (75) tokens.
 
     When a chunk is full and the last comma in it is at most ``comma_backtrack`` tokens from its
     end, the tokens after that comma move to the next chunk, so a phrase is not cut in two (A1111's
     rule; 0 disables it). A ``BREAK`` always starts a new chunk. At least one chunk is returned.
+
+    ``embeddings`` finds textual-inversion embedding names in each piece; an embedding takes one
+    position per vector, with the piece's weight, and is never cut by a chunk boundary: when its
+    vectors do not fit in what is left of the chunk, it starts the next one (A1111's rule).
     """
     size = tokenizer.max_length - 2
     comma = tokenizer.encode(",")
@@ -140,10 +169,11 @@ def tokenize_prompt(tokenizer: Tokenizer, text: str, *, comma_backtrack: int = C
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, Sized]] = []  # (index in ``ids``, embedding)
     last_comma = -1  # index in ``ids`` of the latest comma, -1 for none
 
     def flush(keep_from: int | None = None) -> None:
-        nonlocal ids, weights, last_comma
+        nonlocal ids, weights, fixes, last_comma
         cut = len(ids) if keep_from is None else keep_from
         chunks.append(
             _frame(
@@ -153,22 +183,41 @@ def tokenize_prompt(tokenizer: Tokenizer, text: str, *, comma_backtrack: int = C
                 eos=tokenizer.eos_id,
                 pad=tokenizer.pad_id,
                 length=tokenizer.max_length,
+                fixes=[f for f in fixes if f[0] < cut],
             )
         )
+        # An embedding after the comma moves on with its positions (A1111 leaves it behind).
+        fixes = [(i - cut, e) for i, e in fixes if i >= cut]
         ids, weights, last_comma = ids[cut:], weights[cut:], -1
+
+    def make_room(token: int | None) -> None:
+        """Start a new chunk when this one is full, moving the phrase after a near comma along."""
+        if len(ids) == size:
+            near = last_comma >= 0 and size - last_comma <= comma_backtrack
+            flush(last_comma + 1 if near and token != comma_id else None)
 
     for piece, weight in parse_prompt(text):
         if (piece, weight) == BREAK:
             flush()
             continue
-        for token in tokenizer.encode(piece):
-            if len(ids) == size:
-                near = last_comma >= 0 and size - last_comma <= comma_backtrack
-                flush(last_comma + 1 if near and token != comma_id else None)
-            if token == comma_id:
-                last_comma = len(ids)
-            ids.append(token)
-            weights.append(weight)
+        for part in (piece,) if embeddings is None else embeddings.split(piece):
+            if not isinstance(part, str):  # an embedding: its vectors stay together in one chunk
+                n = len(part)
+                if not 1 <= n <= size:
+                    raise ValueError(f"an embedding has {n} vectors; a chunk holds 1 to {size}")
+                make_room(None)
+                if len(ids) + n > size:
+                    flush()
+                fixes.append((len(ids), part))
+                ids.extend([PLACEHOLDER_ID] * n)
+                weights.extend([weight] * n)
+                continue
+            for token in tokenizer.encode(part):
+                make_room(token)
+                if token == comma_id:
+                    last_comma = len(ids)
+                ids.append(token)
+                weights.append(weight)
     if ids or not chunks:
         flush()
     return chunks
@@ -192,14 +241,15 @@ def encode_chunks(
     ``[1, 77, D]``), apply its weights, and concatenate: ``[1, 77 * len(chunks), D]``.
 
     A chunk whose weights are all 1.0 is passed through untouched, so a plain prompt gives
-    exactly the encoder's output.
+    exactly the encoder's output. A chunk holding textual-inversion embeddings is encoded as
+    ``text_encoder(ids, chunk.fixes)``; the others as ``text_encoder(ids)``.
     """
     if not chunks:
         raise ValueError("encode_chunks needs at least one chunk")
     out = []
     for i, chunk in enumerate(chunks):
         ids = torch.tensor([chunk.ids], dtype=torch.long, device=device)
-        z = text_encoder(ids)
+        z = text_encoder(ids, chunk.fixes) if chunk.fixes else text_encoder(ids)
         if not isinstance(z, Tensor) or z.ndim != 3 or z.shape[:2] != ids.shape:
             got = list(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"text_encoder must return a [1, {ids.shape[1]}, D] tensor; chunk {i} gave {got}")
@@ -223,8 +273,17 @@ def apply_weights(z: Tensor, weights: Sequence[float]) -> Tensor:
     return weighted * (original_mean / new_mean).to(z.dtype)
 
 
-def _frame(ids: list[int], weights: list[float], *, bos: int, eos: int, pad: int, length: int) -> Chunk:
-    """BOS + ids + EOS + padding, weights 1.0 outside the prompt tokens."""
+def _frame(
+    ids: list[int],
+    weights: list[float],
+    *,
+    bos: int,
+    eos: int,
+    pad: int,
+    length: int,
+    fixes: Sequence[tuple[int, Sized]] = (),
+) -> Chunk:
+    """BOS + ids + EOS + padding, weights 1.0 outside the prompt tokens; fixes shifted past BOS."""
     n = len(ids)
     assert n <= length - 2, "chunk overflow"
     padding = length - 2 - n
@@ -233,6 +292,7 @@ def _frame(ids: list[int], weights: list[float], *, bos: int, eos: int, pad: int
         weights=(1.0, *(float(w) for w in weights), 1.0, *([1.0] * padding)),
         n_tokens=n,
         pad_id=pad,
+        fixes=tuple((i + 1, e) for i, e in fixes),
     )
 
 

@@ -61,9 +61,18 @@ class Embeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token plus position embeddings; ``token_embeds`` [B, L, width], when given, stands in for
+        ``token_embedding(ids)`` (textual-inversion vectors placed among the token rows)."""
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(positions)[None]
+        if token_embeds is None:
+            token_embeds = self.token_embedding(ids)
+        elif token_embeds.shape != (*ids.shape, self.token_embedding.embedding_dim):
+            raise ValueError(
+                f"token_embeds has shape {list(token_embeds.shape)}, expected "
+                f"{[*ids.shape, self.token_embedding.embedding_dim]} for ids of shape {list(ids.shape)}"
+            )
+        return token_embeds + self.position_embedding(positions)[None]
 
 
 class SelfAttention(nn.Module):
@@ -112,6 +121,7 @@ class CLIPTextModel(nn.Module):
 
     ids: [B, L] int64 token ids, L <= max_positions. Returns [B, L, width]: the hidden state
     `skip_layers` layers before the last (config default when None), after the final layer norm.
+    `token_embeds` [B, L, width] replaces the token-embedding lookup of `ids` (see `Embeddings`).
     """
 
     def __init__(self, cfg: CLIPTextConfig = CLIPTextConfig()):
@@ -121,13 +131,15 @@ class CLIPTextModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, skip_layers: int | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, skip_layers: int | None = None, token_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         skip = self.config.skip_layers if skip_layers is None else skip_layers
         if not 0 <= skip < self.config.layers:
             raise ValueError(f"skip_layers {skip} must be in [0, {self.config.layers - 1}]")
         if ids.shape[1] > self.config.max_positions:
             raise ValueError(f"{ids.shape[1]} tokens exceed the {self.config.max_positions} positions")
-        x = self.embeddings(ids)
+        x = self.embeddings(ids, token_embeds)
         for layer in self.encoder.layers[: self.config.layers - skip]:
             x = layer(x)
         return self.final_layer_norm(x)

@@ -141,11 +141,18 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down_path(x))
+
+    # The two halves, for tiled encoding (stablediff.tiling): the down path works at image
+    # resolution, convolutions only; the head at latent resolution, global self-attention included.
+    def down_path(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -168,7 +175,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        return self.up_path(self.stem(z))
+
+    # The two halves, for tiled decoding (stablediff.tiling): the stem at latent resolution, global
+    # self-attention included; the up path at growing resolution, convolutions only.
+    def stem(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mid(self.conv_in(z))
+
+    def up_path(self, h: torch.Tensor) -> torch.Tensor:
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -21,6 +21,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
+from stablediff.addons import EMBEDDING_SUFFIXES
+from stablediff.image import read_png_metadata
+from stablediff.lora.tags import LORA_SUFFIXES
 from stablediff.params import A1111_SAMPLERS, A1111_SCHEDULES, GenerationParams, parse_a1111
 from stablediff.serve.api import manager_of, png_info, switch
 from stablediff.serve.jobs import JobManager
@@ -236,7 +239,11 @@ def _info(manager: JobManager, job, warnings: list[str]) -> dict[str, Any]:
     model_name = worker.model_name if worker else job.model
     digest = worker.digest if worker else None
     seeds = [params.seed + k for k in range(params.batch_size)]
-    texts = [params.to_a1111(model_hash=digest, model_name=model_name, seed=s) for s in seeds]
+    written = [manager.outputs / name for name in job.images]
+    if written and all(path.is_file() for path in written):  # the text in the PNGs: LoRA hashes and all
+        texts = [read_png_metadata(path)["parameters"] for path in written]
+    else:
+        texts = [params.to_a1111(model_hash=digest, model_name=model_name, seed=s) for s in seeds]
     return {
         "prompt": params.prompt,
         "all_prompts": [params.prompt] * len(seeds),
@@ -352,6 +359,33 @@ def schedulers() -> list[dict[str, Any]]:
         {"name": name, "label": label, "aliases": None, "default_rho": rho.get(name, -1), "need_inner_model": False}
         for name, label in entries
     ]
+
+
+@router.get("/loras")
+def loras(request: Request) -> list[dict[str, Any]]:
+    """The LoRA files of --lora-dir, as A1111 lists them (``path`` relative to that folder)."""
+    folder = manager_of(request).config.lora_dir
+    files = _files(folder, LORA_SUFFIXES)
+    return [{"name": p.stem, "alias": p.stem, "path": str(p.relative_to(folder)), "metadata": {}} for p in files]
+
+
+@router.get("/embeddings")
+def embeddings(request: Request) -> dict[str, Any]:
+    """The embeddings: those loaded (shape and vectors) and the files of --embeddings-dir not yet
+    read (A1111's "skipped" holds those it could not use; here they are loaded when a prompt names them)."""
+    manager = manager_of(request)
+    loaded = {
+        token: {"step": e.step, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": e.dim, "vectors": len(e)}
+        for token, e in manager.current.pipe.embeddings.items()
+    }
+    unread = [p.stem for p in _files(manager.config.embeddings_dir, EMBEDDING_SUFFIXES) if p.stem not in loaded]
+    return {"loaded": loaded, "skipped": {name: {} for name in unread}}
+
+
+def _files(folder, suffixes: tuple[str, ...]) -> list:
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
 
 def _title(manager: JobManager, entry) -> str:

@@ -40,6 +40,8 @@ class ServeConfig:
     preview_every: int = 2
     device: str = "cpu"
     extra_hosts: tuple[str, ...] = field(default=())
+    lora_dir: Path | None = None  # the LoRA files prompts' <lora:name:w> tags name
+    embeddings_dir: Path | None = None  # embeddings, loaded when a prompt names one
 
     def check(self) -> ServeConfig:
         """Raise ValueError for a configuration that is refused (e.g. an open bind without a key)."""

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from stablediff.image import save_png
 from stablediff.loading import default_model
+from stablediff.lora.tags import find_lora, parse_lora_tags
+from stablediff.outputs import ImageWriter
 from stablediff.params import GenerationParams
 from stablediff.serve.config import ServeConfig
 from stablediff.serve.models import ModelEntry, find_model, list_models, load_entry
@@ -82,6 +83,7 @@ class Worker:
         self.entry = entry
         self.pipe = pipe
         self.digest = digest
+        self.writer = ImageWriter(pipe, digest)
         self.weight, self.bias = fit_projection(pipe)
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.pending = 0  # jobs queued and not yet started
@@ -184,14 +186,9 @@ class Worker:
     def _write(self, job: Job, params: GenerationParams, images: list[Image.Image]) -> list[str]:
         """Each image as ``<job id>-<k>.png`` with the command line's two PNG chunks; file names."""
         params = self.pipe.resolve_params(params)
-        names = []
-        for k, image in enumerate(images):
-            one = replace(params, seed=params.seed + k, batch_size=1, latents=None)
-            record = one.to_record(self.model_name, self.pipe.source or self.pipe.spec.name, self.digest)
-            text = one.to_a1111(model_hash=self.digest, model_name=self.model_name)
-            name = f"{job.id}-{k}.png"
-            save_png(image, self.manager.outputs / name, text, record, overwrite=True)
-            names.append(name)
+        names = [f"{job.id}-{k}.png" for k in range(len(images))]
+        for k, (image, name) in enumerate(zip(images, names, strict=True)):
+            self.writer.write(image, params, k, self.manager.outputs / name, overwrite=True)
         return names
 
 
@@ -222,6 +219,8 @@ class JobManager:
 
     def _start_worker(self, entry: ModelEntry) -> Worker:
         pipe, digest = load_entry(entry, self.config.device)
+        # a prompt's <lora:name:w> tags and embedding names are looked up in these folders
+        pipe.lora_dir, pipe.embeddings_dir = self.config.lora_dir, self.config.embeddings_dir
         try:
             worker = Worker(self, entry, pipe, digest)
         except Exception as err:  # the preview fit decodes with the model's VAE: a broken model can fail here
@@ -261,10 +260,16 @@ class JobManager:
             raise RequestError(422, f"unknown fields {unknown}; known: {sorted(known)}")
         if "prompt" not in values or not isinstance(values["prompt"], str):
             raise RequestError(422, "prompt: a string is required")
+        worker = self.current
+        try:  # a LoRA the prompt names must be there now, not fail the job later
+            for tag in parse_lora_tags(values["prompt"])[1]:
+                if tag.name not in worker.pipe.loras:
+                    find_lora(tag.name, self.config.lora_dir)
+        except ValueError as err:
+            raise RequestError(422, f"prompt: {err}") from None
         values = dict(values)
         if values.get("seed") is None or values.get("seed") == -1:
             values["seed"] = secrets.randbelow(SEED_RANGE)
-        worker = self.current
         try:
             params = GenerationParams(**values, init_image=init_image, mask=mask)
             params = worker.pipe.resolve_params(params).validate()

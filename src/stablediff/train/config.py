@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from stablediff.diffusion import PREDICTION_TYPES
-from stablediff.train.stages import STAGES
+from stablediff.embeddings import MAX_VECTORS
+from stablediff.lora.build import UNET_TARGETS
+from stablediff.train.stages import ADDONS, STAGES
 
 MIXED_PRECISION = ("no", "bf16")
-UNET_STAGES = ("unet", "finetune")  # the stages that train a U-Net on images
+UNET_STAGES = ("unet", "finetune", "lora", "embedding")  # the stages that train on the denoising loss
+LORA_TARGETS = tuple(UNET_TARGETS)
 
 
 @dataclass
@@ -79,6 +83,20 @@ class TrainConfig:
     # whose items carry grounding regions (shapes, or a latent cache that stores them).
     grounding_weight: float = 0.0  # 0: off
 
+    # lora: a LoRA for the frozen model --base (docs/training.md)
+    lora_rank: int = 16
+    lora_alpha: float = 0.0  # 0: the rank (scale alpha / rank = 1)
+    lora_targets: str = "attention"  # "attention": to_q/k/v/out.0; "transformer": + ff, proj_in/out
+    lora_conv_rank: int = 0  # > 0: LoCon, also the residual blocks' and samplers' convolutions
+    lora_conv_alpha: float = 0.0  # 0: the conv rank
+    lora_text_encoder: bool = False  # also the text encoder's q/k/v/out_proj and fc1/fc2
+
+    # embedding: textual inversion for --base
+    token: str = ""  # the new word; must not be a word of the vocabulary
+    init_word: str = ""  # the vectors start as this word's token embeddings (cycled)
+    num_vectors: int = 1
+    embedding_template: str = "{token}, {caption}"  # each training caption; "{token}" alone when it is empty
+
     # vae
     kl_weight: float = 1e-6
     recon_loss: str = "l1"  # "l1" | "l2"
@@ -116,7 +134,17 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        positive = ("steps", "batch_size", "grad_accum", "resolution", "log_every", "keep_last", "vocab_size")
+        positive = (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "resolution",
+            "log_every",
+            "keep_last",
+            "vocab_size",
+            "lora_rank",
+            "num_vectors",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -130,6 +158,9 @@ class TrainConfig:
             "recon_focus",
             "snr_floor",
             "grounding_weight",
+            "lora_alpha",  # 0: the rank
+            "lora_conv_rank",
+            "lora_conv_alpha",
         )
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -153,6 +184,7 @@ class TrainConfig:
             raise ValueError(
                 "grounding_weight needs the attention maps of the forward pass: turn gradient_checkpointing off"
             )
+        self._check_addons()
         if self.min_snr_gamma and self.snr_floor > self.min_snr_gamma:
             raise ValueError(f"snr_floor={self.snr_floor} must not exceed min_snr_gamma={self.min_snr_gamma}")
         if self.high_noise_from < 0:
@@ -165,6 +197,39 @@ class TrainConfig:
             from stablediff.train.data.buckets import bucket_shapes  # deferred: train.data imports this module
 
             bucket_shapes(self.resolution, self.bucket_step, self.bucket_max_aspect)  # checks the three
+
+    def _check_addons(self) -> None:
+        """The lora and embedding stages' fields (the token itself is checked against the tokenizer
+        when the stage starts)."""
+        if self.stage in ADDONS and not self.base:
+            raise ValueError(
+                f"the {self.stage} stage needs --base: the model it trains for "
+                "(a single-file checkpoint or a diffusers folder)"
+            )
+        others = {"lora_text_encoder": "lora", "lora_conv_rank": "lora", "token": "embedding", "init_word": "embedding"}
+        for name, stage in others.items():
+            if getattr(self, name) and self.stage != stage:
+                raise ValueError(f"{name} is for the {stage} stage, not {self.stage!r}")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"lora_targets={self.lora_targets!r} is not one of {LORA_TARGETS}")
+        if self.num_vectors > MAX_VECTORS:
+            raise ValueError(f"num_vectors must be at most {MAX_VECTORS} (one prompt chunk), got {self.num_vectors}")
+        if self.stage != "embedding":
+            return
+        if not self.token or not self.init_word:
+            raise ValueError(
+                "the embedding stage needs --token (the new word, not one of the vocabulary) and --init-word "
+                "(a word whose token embedding the vectors start from, e.g. 'dog' or 'style')"
+            )
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(self.embedding_template) if f is not None]
+        except ValueError:  # an unmatched brace
+            names = []
+        if names.count("token") != 1 or set(names) - {"token", "caption"}:
+            raise ValueError(
+                f"embedding_template={self.embedding_template!r} must hold {{token}} once, and otherwise only "
+                "{caption} (e.g. '{token}, {caption}' or 'a photo of {token}')"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

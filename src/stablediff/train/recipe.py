@@ -39,14 +39,14 @@ from stablediff.params import GenerationParams
 from stablediff.train.config import TrainConfig
 from stablediff.train.data import ShapesPairs, encode_latent_cache, image_text_data
 from stablediff.train.exports import EXPORT_DIR, MODEL_FILE, TOKENIZER_DIR, VAE_PART, read_part
-from stablediff.train.stages import STAGES, get_stage
+from stablediff.train.stages import ADDONS, STAGES, get_stage
 from stablediff.train.trainer import train
 from stablediff.weights.io import read_metadata
 
 logger = logging.getLogger(__name__)
 
 PHASE_STAGE = "finetune"  # the stage every later U-Net phase trains with
-FIRST_STAGES = tuple(name for name in STAGES if name != PHASE_STAGE)  # each has a table of its name
+FIRST_STAGES = tuple(name for name in STAGES if name not in (PHASE_STAGE, *ADDONS))  # each has a table of its name
 PHASE_KEYS = ("continues", "cache")  # a phase table's keys that are not TrainConfig fields
 CACHE_KEYS = ("extra_scenes", "objects", "seed")  # a named cache's keys
 OTHER_TABLES = ("base", "common", "name", "description", "eval", "latents")

@@ -312,6 +312,34 @@ def text_ours_to_transformers(sd: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# LoRA files name the modules they adapt (the file grammar itself lives in stablediff.lora).
+
+
+def unet_module_names_to_diffusers(names: Iterable[str], channel_mult, num_res_blocks, attention_levels) -> dict:
+    """{our U-Net module name: diffusers' name} for modules that have weights (renamed as their
+    `.weight` key is, so a block's own module such as `input_blocks.0.0` maps too)."""
+    pairs = unet_block_pairs(channel_mult, num_res_blocks, attention_levels)
+    renamed = _rename_by_pairs({f"{name}.weight": name for name in names}, pairs)
+    return {ours: key.removesuffix(".weight") for key, ours in renamed.items()}
+
+
+# diffusers' LoRA files before PEFT (2023) named a LoRA after the projection it adapts, inside the
+# attention processor (U-Net) or the attention module (text encoder): file name -> module name.
+LORA_LEGACY_UNET_MODULES = {
+    "processor.to_q_lora": "to_q",
+    "processor.to_k_lora": "to_k",
+    "processor.to_v_lora": "to_v",
+    "processor.to_out_lora": "to_out.0",
+}
+LORA_LEGACY_TEXT_MODULES = {
+    "to_q_lora": "q_proj",
+    "to_k_lora": "k_proj",
+    "to_v_lora": "v_proj",
+    "to_out_lora": "out_proj",
+}
+
+
+# --------------------------------------------------------------------------------------------
 # diffusers / transformers config.json <-> our config fields (plain dicts: no model import).
 # The configs are strangers' JSON: every value read is type-checked here (ValueError naming the
 # key); the sizes are then checked against limits.LIMITS by the caller, which names the file.

@@ -265,6 +265,11 @@ def read_state_dict(path: PathLike, device: str | torch.device = "cpu") -> dict[
     return {k: v.to(device) for k, v in tensors.items()}
 
 
+def read_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes from a safetensors file's (checked) header, without reading any data."""
+    return {name: tuple(entry["shape"]) for name, entry in _safetensors_header(os.fspath(path))[0].items()}
+
+
 def read_metadata(path: PathLike) -> dict[str, str]:
     """Return the ``__metadata__`` of a safetensors file; ``{}`` for the other formats."""
     path = os.fspath(path)

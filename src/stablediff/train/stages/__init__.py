@@ -15,7 +15,11 @@ STAGES: dict[str, str] = {
     "text": "stablediff.train.stages.text:TextStage",
     "unet": "stablediff.train.stages.unet:UNetStage",
     "finetune": "stablediff.train.stages.unet:FinetuneStage",
+    # add-ons for an existing model (--base): they subclass the U-Net stages; no recipe runs them
+    "lora": "stablediff.train.stages.lora:LoraStage",
+    "embedding": "stablediff.train.stages.embedding:EmbeddingStage",
 }
+ADDONS = ("lora", "embedding")
 
 
 def get_stage(name: str) -> type:
@@ -43,4 +47,4 @@ def get_stage(name: str) -> type:
     return found
 
 
-__all__ = ["STAGES", "get_stage"]
+__all__ = ["ADDONS", "STAGES", "get_stage"]

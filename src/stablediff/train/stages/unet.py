@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -114,8 +115,8 @@ class UNetStage(Stage):
         parts = frozen_parts(config, device)
         self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
         self.base = parts.base
+        self.unet = self._initial_unet().to(device=device, dtype=torch.float32).train()  # bad options fail here
         self._train, self._held, self.latents = unet_data(config, self.vae)
-        self.unet = self._initial_unet().to(device=device, dtype=torch.float32).train()
         self.model: nn.Module = self.unet
         if config.train_text_encoder:
             self.text_encoder.requires_grad_(True)
@@ -191,9 +192,18 @@ class UNetStage(Stage):
                 latents = posterior.sample(
                     noise=rank_randn(generator, shape) if global_batch else torch.randn(shape, generator=generator)
                 )
-            ids = batch["ids"].to(self.device, non_blocking=True)
-            condition = ids if self.config.train_text_encoder else self.text_encoder(ids)
+            condition = self._condition(batch)
         return latents.float(), condition
+
+    def _condition(self, batch: dict) -> Any:
+        """What `_predict` conditions on (computed without gradients): the frozen text encoder's
+        context, or the token ids when the text encoder trains too."""
+        ids = batch["ids"].to(self.device, non_blocking=True)
+        return ids if self.config.train_text_encoder else self.text_encoder(ids)
+
+    def _predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
+        """The trained network's prediction (eps, v or x0) for `x_t` at float timesteps `t`."""
+        return model(x_t, t, condition)
 
     def _loss(
         self, model: nn.Module, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -203,7 +213,7 @@ class UNetStage(Stage):
         noise = noise.to(self.device)
         x_t = q_sample(latents, t, noise, self.alphas_cumprod)
         target = training_target(self.config.prediction_type, latents, noise, t, self.alphas_cumprod)
-        prediction = model(x_t, t.float(), condition)
+        prediction = self._predict(model, x_t, t.float(), condition)
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
         c = self.config
         if c.min_snr_gamma > 0 or c.snr_floor > 0:
@@ -255,12 +265,16 @@ class UNetStage(Stage):
             return StableDiffusion(net["unet"], self.vae, net["text_encoder"], self.tokenizer, self.spec())
         return StableDiffusion(net, self.vae, self.text_encoder, self.tokenizer, self.spec())
 
+    def grid_prompts(self) -> list[str]:
+        """The sample grid's prompts (`sample_prompts`)."""
+        return sample_prompts(self.config, self._held)
+
     def sample(self, model: nn.Module, path: Path) -> None:
         """A 4 x 2 grid for fixed prompts and seeds (image k: seed k): DPM++ 2M, 20 steps, guidance 5."""
         pipe = self.pipeline(model)
         size = self.config.resolution
         images = []
-        for k, prompt in enumerate(sample_prompts(self.config, self._held)[:SAMPLE_COUNT]):
+        for k, prompt in enumerate(self.grid_prompts()[:SAMPLE_COUNT]):
             params = GenerationParams(
                 prompt=prompt,
                 width=size,
@@ -327,4 +341,59 @@ class FinetuneStage(UNetStage):
         return unet.requires_grad_(True)
 
 
-__all__ = ["UNET_SIZES", "FinetuneStage", "TextConditionedUNet", "UNetStage", "draw_timesteps", "unet_size"]
+class AddonStage(FinetuneStage):
+    """What the add-on stages share (stages/lora.py, stages/embedding.py): every network of
+    `config.base` stays frozen, the U-Net too, and what trains is the small module `make_addon`
+    returns (made before the data is read, so that bad options fail first). The spec, and so the
+    prediction type and schedule, are the base's: an add-on cannot change what the model predicts.
+    """
+
+    name = ""
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        super().__init__(config, device)
+        # No dropout anywhere: train mode only lets the frozen U-Net checkpoint its activations.
+        self.unet.requires_grad_(False).train(config.gradient_checkpointing)
+        self.unet.gradient_checkpointing = config.gradient_checkpointing
+        self.model = self.addon
+
+    def make_addon(self, unet: UNetModel) -> nn.Module:
+        """The trainable module for the frozen `unet` (and `self.text_encoder`, `self.tokenizer`)."""
+        raise NotImplementedError
+
+    def _initial_unet(self) -> UNetModel:
+        expected = self.base.spec.prediction_type
+        if self.config.prediction_type != expected:
+            raise ValueError(
+                f"the base model predicts {expected}: pass --prediction_type={expected} "
+                f"(the {self.name} stage trains against the frozen base and cannot change that)"
+            )
+        unet = self.base.unet.to(device=self.device, dtype=torch.float32).requires_grad_(False)
+        self.addon = self.make_addon(unet)
+        return unet
+
+    def spec(self) -> ModelSpec:
+        return self.base.spec
+
+    def base_pipeline(self) -> StableDiffusion:
+        """The frozen base model as a pipeline (sample grids add the add-on to it)."""
+        return StableDiffusion(self.unet, self.vae, self.text_encoder, self.tokenizer, self.spec())
+
+    def shared_config(self) -> str:
+        """The training config for an exported file's metadata, every path reduced to its last
+        part: add-ons are shared, and a path on this machine says nothing useful elsewhere."""
+        values = dataclasses.asdict(self.config)
+        for key in ("data", "out", "base", "vae", "text", "tokenizer"):
+            values[key] = Path(values[key]).name if values[key] else ""
+        return json.dumps(values, indent=2, sort_keys=True)
+
+
+__all__ = [
+    "UNET_SIZES",
+    "AddonStage",
+    "FinetuneStage",
+    "TextConditionedUNet",
+    "UNetStage",
+    "draw_timesteps",
+    "unet_size",
+]
