@@ -192,7 +192,6 @@ def test_diffusers_scheduler_config_carries_the_schedule(tmp_path):
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,
-        "timestep_spacing": "leading",
     }
     # a folder without our metadata: the schedule and prediction type come from scheduler_config.json
     pipe.spec = dataclasses.replace(pipe.spec, schedule=_LINEAR, prediction_type="v_prediction")

@@ -44,8 +44,10 @@ LIMITS: dict[str, dict[str, Bound]] = {
         "num_heads": Bound(1, 128),
         "head_dim": Bound(1, 1024),
         "transformer_depth": Bound(1, 32),
+        "transformer_depth_per_level": Bound(0, 32, 1, 8),  # 0 at levels without attention
         "context_dim": Bound(1, 8192),
         "norm_groups": Bound(1, 4096),
+        "adm_in_channels": Bound(1, 16384),  # SDXL base: 2816 (1280 pooled + 6 x 256 micro-conditioning)
         "channels": Bound(1, 8192),  # derived: the widest level, model_channels * max(channel_mult)
     },
     "VAEConfig": {
@@ -68,6 +70,7 @@ LIMITS: dict[str, dict[str, Bound]] = {
         "max_positions": Bound(1, 1024),
         "layer_norm_eps": Bound(1e-12, 1.0),
         "skip_layers": Bound(0, 63),
+        "projection_dim": Bound(1, 8192),  # SDXL's bigG: 1280
     },
     "ScheduleConfig": {
         "num_train_timesteps": Bound(2, 10_000),

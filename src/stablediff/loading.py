@@ -364,11 +364,59 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
     return replace(spec, text=text_cfg, pad_token=tokenizer.pad_token), stored
 
 
+# scheduler_config.json key -> ScheduleConfig field; a key the file lacks keeps our default.
+_SCHEDULE_KEYS = {
+    "num_train_timesteps": "num_train_timesteps",
+    "beta_schedule": "beta_schedule",
+    "beta_start": "beta_start",
+    "beta_end": "beta_end",
+    "rescale_betas_zero_snr": "rescale_zero_terminal_snr",
+    "steps_offset": "steps_offset",
+    "set_alpha_to_one": "set_alpha_to_one",
+    "timestep_spacing": "timestep_spacing",
+}
+# diffusers' schedulers whose timestep_spacing defaults to "leading"; the others default to "linspace".
+_LEADING_BY_DEFAULT = ("PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler")
+# Sampling preferences of a scheduler config that a model does not need: the sigma schedule is
+# chosen per generation (GenerationParams.schedule, e.g. "karras"), so these are not honoured.
+_SIGMA_PREFERENCES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
 def _schedule_from_diffusers(sched: dict, where: object = "scheduler_config.json") -> ScheduleConfig:
-    """The training schedule of a ``scheduler_config.json`` (its inference settings are not read),
-    checked like any config from a file (BadFileError naming ``where``)."""
-    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
-    return config_from_dict(ScheduleConfig, {k: sched[k] for k in keys if k in sched}, str(where))
+    """The schedule of a ``scheduler_config.json``, checked like any config from a file
+    (BadFileError naming ``where``): the training betas (``rescale_betas_zero_snr`` included) and
+    the inference settings that every sampler honours, ``steps_offset``, ``set_alpha_to_one`` and
+    ``timestep_spacing``. A key the file lacks keeps our default (SD's offset 1, no final alpha,
+    and each sampler's own spacing).
+
+    ``timestep_spacing`` is kept only when it differs from the default of the scheduler the file
+    names (``_class_name``): diffusers writes every default, so SD folders it saved say "leading"
+    for PNDM/DDIM without anyone choosing it, while SDXL base's "leading" Euler and SD-Turbo's
+    "trailing" Euler are choices, honoured by every sampler as diffusers' ``from_config`` carries
+    them over. Refused (CheckpointError): continuous timesteps (``timestep_type``), an explicit
+    ``trained_betas`` table, and the EDM / flow-matching schedulers. Not honoured, with a warning:
+    ``use_karras_sigmas`` and the other sigma-schedule flags (the schedule is a per-generation
+    choice); silently ignored: the sampler-internal settings (``clip_sample``, ``thresholding``,
+    ``interpolation_type``, ``final_sigmas_type``, ...), which our samplers fix to SD's values.
+    """
+    name = sched.get("_class_name")
+    if isinstance(name, str) and name.startswith(("EDM", "FlowMatch")):
+        raise CheckpointError(f"{where}: {name} is not supported (only discrete-time DDPM schedules)")
+    if sched.get("timestep_type", "discrete") != "discrete":
+        raise CheckpointError(
+            f"{where}: timestep_type {sched['timestep_type']!r:.60} is not supported (only 'discrete')"
+        )
+    if sched.get("trained_betas") is not None:
+        raise CheckpointError(f"{where}: trained_betas (an explicit beta table) is not supported")
+    values = {ours: sched[key] for key, ours in _SCHEDULE_KEYS.items() if key in sched}
+    default_spacing = "leading" if name in _LEADING_BY_DEFAULT else "linspace"
+    if values.get("timestep_spacing") == default_spacing:
+        del values["timestep_spacing"]
+    preferences = [key for key in _SIGMA_PREFERENCES if sched.get(key) is True]
+    if preferences:
+        logger.warning("%s: %s not honoured; pass schedule='karras' (or another) per generation", where, preferences)
+    aliases = {ours: key for key, ours in _SCHEDULE_KEYS.items()}
+    return config_from_dict(ScheduleConfig, values, str(where), aliases)
 
 
 def _prediction_type(sched: dict, where: object) -> str:
@@ -391,8 +439,12 @@ def _schedule_to_diffusers(schedule: ScheduleConfig, prediction_type: str) -> di
         "skip_prk_steps": True,
         "steps_offset": schedule.steps_offset,
         "clip_sample": False,
-        "timestep_spacing": schedule.timestep_spacing or "leading",
     }
+    # Only a spacing the spec has: diffusers' from_config carries a written one over to every other
+    # scheduler. (Read from this file alone, a spec's "leading" is PNDM's own default and comes back
+    # as None, see _schedule_from_diffusers; the spec stored in our weights keeps it.)
+    if schedule.timestep_spacing is not None:
+        config["timestep_spacing"] = schedule.timestep_spacing
     if schedule.rescale_zero_terminal_snr:
         config["rescale_betas_zero_snr"] = True
     return config

@@ -35,14 +35,20 @@ class ModelSpec:
     prediction_type: str = "epsilon"  # a name in PREDICTION_TYPES (diffusers' names)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the training noise schedule
     default_size: int = 512  # the image side the model was trained at, in pixels
+    # SDXL's second text tower (OpenCLIP bigG): its context is concatenated after `text`'s, and its
+    # pooled output conditions the U-Net too. None for SD 1.x/2.x.
+    text_2: CLIPTextConfig | None = None
+    pad_token_2: str = "!"  # the second tokenizer's padding (SDXL's tokenizer_2 pads with "!")
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {self.prediction_type!r} not in {tuple(PREDICTION_TYPES)}")
         if self.text_format not in TEXT_FORMATS:
             raise ValueError(f"text_format {self.text_format!r} not in {TEXT_FORMATS}")
-        if self.unet.context_dim != self.text.width:
-            raise ValueError(f"UNet context_dim {self.unet.context_dim} != text width {self.text.width}")
+        width = self.text.width + (self.text_2.width if self.text_2 is not None else 0)
+        if self.unet.context_dim != width:
+            both = "" if self.text_2 is None else f" ({self.text.width} + {self.text_2.width})"
+            raise ValueError(f"UNet context_dim {self.unet.context_dim} != text width {width}{both}")
 
     @property
     def is_inpaint(self) -> bool:
@@ -69,7 +75,9 @@ class ModelSpec:
         if "schedule" in d and legacy:
             raise BadFileError(f"{where}: both a 'schedule' and the flat schedule keys {sorted(legacy)}")
         d["schedule"] = config_from_dict(ScheduleConfig, d.get("schedule", legacy), f"{where}: schedule")
-        return config_from_dict(cls, d, where, nested=("unet", "vae", "text", "schedule"))
+        if d.get("text_2") is not None:  # absent or null: no second text tower (SD 1.x/2.x)
+            d["text_2"] = CLIPTextConfig.from_dict(d["text_2"], f"{where}: text_2")
+        return config_from_dict(cls, d, where, nested=("unet", "vae", "text", "schedule", "text_2"))
 
 
 # The schedule fields that specs written before `ModelSpec.schedule` store at the top level.
@@ -91,6 +99,59 @@ _TINY_UNET = UNetConfig(
 )
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 _TINY_TEXT = CLIPTextConfig(width=32, layers=3, heads=4)
+
+# SDXL's two text towers (Podell et al. 2023), both read at the penultimate layer without the final
+# layer norm: OpenAI CLIP ViT-L/14 (SD 1.x's) and OpenCLIP ViT-bigG/14, whose projected pooled
+# output also conditions the U-Net. The tiny ones have the same features at test size.
+SDXL_TEXT_L = CLIPTextConfig(skip_layers=1, context_norm=False)
+SDXL_TEXT_G = CLIPTextConfig(
+    width=1280, layers=32, heads=20, activation="gelu", skip_layers=1, context_norm=False, projection_dim=1280
+)
+TINY_SDXL_TEXT_L = CLIPTextConfig(width=32, layers=3, heads=4, skip_layers=1, context_norm=False)
+TINY_SDXL_TEXT_G = CLIPTextConfig(
+    width=32, layers=3, heads=4, activation="gelu", skip_layers=1, context_norm=False, projection_dim=32
+)
+
+# SDXL's U-Nets (Podell et al. 2023; Stability's sd_xl_base.yaml / sd_xl_refiner.yaml): no
+# attention at full resolution, 64-wide heads, linear projections, and the added conditioning `y`
+# (pooled text embedding of the last text tower + 256 wide per micro-conditioning number).
+SDXL_UNET = UNetConfig(
+    model_channels=320,
+    channel_mult=(1, 2, 4),
+    attention_levels=(1, 2),
+    num_heads=None,
+    head_dim=64,
+    transformer_depth=10,
+    transformer_depth_per_level=(0, 2, 10),
+    context_dim=2048,  # OpenAI CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280) concatenated
+    use_linear_proj=True,
+    adm_in_channels=2816,  # 1280 pooled + 6 x 256: original size, crop, target size
+)
+SDXL_REFINER_UNET = UNetConfig(
+    model_channels=384,
+    channel_mult=(1, 2, 4, 4),
+    attention_levels=(1, 2),
+    num_heads=None,
+    head_dim=64,
+    transformer_depth=4,
+    context_dim=1280,  # OpenCLIP ViT-bigG only
+    use_linear_proj=True,
+    adm_in_channels=2560,  # 1280 pooled + 5 x 256: original size, crop, aesthetic score
+)
+# The same features at test size: per-level depth, added conditioning, 16-wide heads.
+TINY_SDXL_UNET = UNetConfig(
+    model_channels=16,
+    channel_mult=(1, 2, 4),
+    attention_levels=(1, 2),
+    num_heads=None,
+    head_dim=16,
+    transformer_depth=2,
+    transformer_depth_per_level=(0, 1, 2),
+    context_dim=64,
+    use_linear_proj=True,
+    norm_groups=8,
+    adm_in_channels=32 + 6 * 256,
+)
 
 PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15"),
@@ -160,13 +221,15 @@ _MAX_INPUT_BLOCKS = 1 + _UNET["channel_mult"].max_len * (int(_UNET["num_res_bloc
 
 def infer_unet_config(sd: dict[str, torch.Tensor], like: UNetConfig | None = None) -> UNetConfig:
     """A UNetConfig from our-named U-Net weights. Heads cannot be seen in weights: a 1024-wide
-    context means SD 2.x (64-wide heads), anything else SD 1.x (8 heads). With ``like``, the
-    fields the weights do not show (heads, norm groups, upcasting) are taken from it instead."""
+    context (SD 2.x) or an added-conditioning embedding (SDXL base and refiner) means 64-wide
+    heads, anything else SD 1.x (8 heads). With ``like``, the fields the weights do not show
+    (heads, norm groups, upcasting) are taken from it instead."""
     if "input_blocks.0.0.weight" not in sd:
         raise ValueError("no U-Net weights found (expected key 'input_blocks.0.0.weight')")
     conv_in = _shape(sd, "input_blocks.0.0.weight", 4)
     mc = conv_in[0]
-    mult, attention, depth, res_blocks, level = [], [], 1, 0, 0
+    max_depth = int(_UNET["transformer_depth"].hi)
+    mult, depths, res_blocks, level = [], {}, 0, 0  # depths: {attention level: transformer blocks}
     n_blocks = _count(sd, "input_blocks.", _MAX_INPUT_BLOCKS)
     per_level = 0
     for n in range(1, n_blocks):
@@ -176,11 +239,15 @@ def infer_unet_config(sd: dict[str, torch.Tensor], like: UNetConfig | None = Non
         out_ch = _shape(sd, f"input_blocks.{n}.0.out_layers.3.weight", 4)[0]
         if per_level == 0:
             mult.append(out_ch // mc)
-        if f"input_blocks.{n}.1.norm.weight" in sd and level not in attention:
-            attention.append(level)
-            depth = _count(sd, f"input_blocks.{n}.1.transformer_blocks.", int(_UNET["transformer_depth"].hi))
+        if f"input_blocks.{n}.1.norm.weight" in sd and level not in depths:
+            depths[level] = _count(sd, f"input_blocks.{n}.1.transformer_blocks.", max_depth)
         per_level += 1
     res_blocks = res_blocks or per_level
+    depth = _count(sd, "middle_block.1.transformer_blocks.", max_depth)
+    if not depth:
+        raise ValueError("no middle-block transformer found (keys 'middle_block.1.transformer_blocks.N.')")
+    per_level_depths = tuple(depths.get(i, 0) for i in range(len(mult)))
+    adm = _shape(sd, "label_emb.0.0.weight", 2)[1] if "label_emb.0.0.weight" in sd else None
     to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
     if to_k is None or to_k.ndim != 2:
         raise ValueError("no cross-attention weights (keys ending 'attn2.to_k.weight', 2-D) found")
@@ -192,14 +259,18 @@ def infer_unet_config(sd: dict[str, torch.Tensor], like: UNetConfig | None = Non
         model_channels=mc,
         channel_mult=tuple(mult),
         num_res_blocks=res_blocks,
-        attention_levels=tuple(attention),
+        attention_levels=tuple(depths),
         transformer_depth=depth,
+        # one spelling per model: per level only where the levels differ from the middle block
+        transformer_depth_per_level=None if set(depths.values()) <= {depth} else per_level_depths,
         context_dim=context,
         use_linear_proj=linear,
+        adm_in_channels=adm,
     )
     if like is not None:
         return replace(like, **shapes)
-    heads = {"num_heads": None, "head_dim": 64} if context == 1024 else {"num_heads": 8, "head_dim": None}
+    wide_heads = context == 1024 or adm is not None
+    heads = {"num_heads": None, "head_dim": 64} if wide_heads else {"num_heads": 8, "head_dim": None}
     return UNetConfig(**shapes, **heads)
 
 

@@ -14,6 +14,10 @@ Textual-inversion embeddings (``stablediff.embeddings``) enter through ``tokeniz
 ``embeddings``: each piece is split where an embedding's name stands, and the embedding takes one
 placeholder position per vector, recorded in ``Chunk.fixes``; ``encode_chunks`` hands those to the
 encoder, which reads the vectors there in place of the placeholders' token embeddings.
+
+SDXL has two text encoders: ``encode_sdxl_prompt`` chunks the prompt for each tokenizer the same
+way, concatenates the two encoders' chunk outputs along the width (``encode_sdxl_chunks``) and
+takes the second encoder's pooled embedding from the first chunk.
 """
 
 from __future__ import annotations
@@ -255,6 +259,95 @@ def encode_chunks(
             raise ValueError(f"text_encoder must return a [1, {ids.shape[1]}, D] tensor; chunk {i} gave {got}")
         out.append(z if chunk.plain else apply_weights(z, chunk.weights))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+# A text encoder that also returns its pooled embedding: ids [1, 77] -> ([1, 77, D], [1, P]).
+PooledEncoder = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors
+class SDXLConditioning:
+    """SDXL's text conditioning of one generation: the cross-attention contexts
+    ``[1, 77 * chunks, D1 + D2]`` and the pooled embeddings ``[1, P]`` of the prompt and of the
+    negative prompt (the U-Net's CFG batch)."""
+
+    context: Tensor
+    pooled: Tensor
+    uncond_context: Tensor
+    uncond_pooled: Tensor
+
+
+def encode_sdxl_chunks(
+    encoder: Callable[[Tensor], Tensor],
+    encoder_2: PooledEncoder,
+    chunks: Sequence[Chunk],
+    chunks_2: Sequence[Chunk],
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One prompt through SDXL's two text encoders: ``(context [1, 77 * n, D1 + D2], pooled [1, P])``.
+
+    ``chunks`` (first tokenizer) and ``chunks_2`` (second) must be equally many. Each encoder's
+    chunks are encoded and weighted by ``encode_chunks`` (so emphasis rescales each encoder's output
+    to its own mean, as A1111 does), then the two are concatenated along the width. The pooled
+    embedding is ``encoder_2``'s for the first chunk, as the web UIs take it (diffusers reads one
+    chunk only); emphasis never touches it.
+    """
+    if len(chunks) != len(chunks_2):
+        raise ValueError(f"the two encoders need as many chunks: {len(chunks)} != {len(chunks_2)} (pad them first)")
+    if any(chunk.fixes for chunk in (*chunks, *chunks_2)):
+        raise ValueError("textual-inversion embeddings are not supported for SDXL yet")
+    pooled: list[Tensor] = []
+
+    def second(ids: Tensor) -> Tensor:
+        z, p = encoder_2(ids)
+        pooled.append(p)
+        return z
+
+    first = encode_chunks(encoder, chunks, device)
+    context = torch.cat([first, encode_chunks(second, chunks_2, device)], dim=-1)
+    return context, pooled[0]
+
+
+def encode_sdxl_prompt(
+    tokenizers: tuple[Tokenizer, Tokenizer],
+    encoders: tuple[Callable[[Tensor], Tensor], PooledEncoder],
+    prompt: str,
+    negative_prompt: str = "",
+    prompt_2: str | None = None,
+    negative_prompt_2: str | None = None,
+    *,
+    force_zeros_for_empty_prompt: bool = False,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: PromptEmbeddings | None = None,
+    device: torch.device | str | None = None,
+) -> SDXLConditioning:
+    """SDXL's conditioning for a prompt and a negative prompt.
+
+    The first tokenizer/encoder reads ``prompt``, the second ``prompt_2`` (``prompt`` when None or
+    empty, as in diffusers); both are chunked by ``tokenize_prompt`` (75-token chunks, emphasis,
+    BREAK), each tokenizer padding with its own pad token (SDXL's second pads with "!"). All chunk
+    lists, the negative ones included, are padded to the same count with empty-prompt chunks.
+    Clip skip is the encoders' business (they are callables, e.g. bound with ``skip_layers``).
+
+    ``force_zeros_for_empty_prompt`` (diffusers' SDXL pipeline flag, true in SDXL base's
+    model_index.json; A1111 does the same for SDXL): when both negative prompts are empty, the
+    negative context and pooled embedding are zeros instead of the encoding of "".
+    ``embeddings`` (textual inversion) are not supported for SDXL yet: passing a table is an error.
+    """
+    if embeddings is not None:
+        raise ValueError("textual-inversion embeddings are not supported for SDXL yet")
+    tok, tok_2 = tokenizers
+    texts = [(tok, prompt), (tok_2, prompt_2 or prompt)]
+    zero_uncond = force_zeros_for_empty_prompt and negative_prompt == "" and not negative_prompt_2
+    if not zero_uncond:
+        texts += [(tok, negative_prompt), (tok_2, negative_prompt_2 or negative_prompt)]
+    lists = [tokenize_prompt(t, text, comma_backtrack=comma_backtrack) for t, text in texts]
+    n = max(len(chunks) for chunks in lists)
+    lists = [chunks + [chunks[0].blank()] * (n - len(chunks)) for chunks in lists]
+    context, pooled = encode_sdxl_chunks(*encoders, lists[0], lists[1], device)
+    if zero_uncond:
+        return SDXLConditioning(context, pooled, torch.zeros_like(context), torch.zeros_like(pooled))
+    return SDXLConditioning(context, pooled, *encode_sdxl_chunks(*encoders, lists[2], lists[3], device))
 
 
 def apply_weights(z: Tensor, weights: Sequence[float]) -> Tensor:

@@ -1,8 +1,8 @@
-"""The latent diffusion U-Net (Rombach et al. 2022; ADM, Dhariwal & Nichol 2021).
+"""The latent diffusion U-Net (Rombach et al. 2022; ADM, Dhariwal & Nichol 2021; SDXL, Podell et al. 2023).
 
 Module names follow the original single-file checkpoints (`input_blocks`, `middle_block`,
-`output_blocks`, `in_layers`, `transformer_blocks`, ...) so SD 1.x / 2.x weights load after
-stripping the `model.diffusion_model.` prefix. One constructor loop builds every variant.
+`output_blocks`, `in_layers`, `transformer_blocks`, `label_emb`, ...) so SD 1.x / 2.x / XL weights
+load after stripping the `model.diffusion_model.` prefix. One constructor loop builds every variant.
 """
 
 from __future__ import annotations
@@ -29,11 +29,17 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) with transformers
     num_heads: int | None = 8  # SD 1.x: fixed number of heads ...
     head_dim: int | None = None  # ... SD 2.x: fixed head width (64), heads vary per level
-    transformer_depth: int = 1
+    transformer_depth: int = 1  # transformer blocks per attention block, and in the middle block ...
+    # ... unless given per level (SDXL base: (0, 2, 10)): one entry per level, 0 where a level has
+    # no attention; None when every attention level has `transformer_depth` (one spelling per model).
+    transformer_depth_per_level: tuple[int, ...] | None = None
     context_dim: int = 768
     use_linear_proj: bool = False  # SD 2.x projects in/out of transformers with Linear, not 1x1 conv
     upcast_attention: bool = False
     norm_groups: int = 32
+    # SDXL's added conditioning: the width of `y` (pooled text embedding + micro-conditioning,
+    # see `micro_conditioning`), embedded by `label_emb` and added to the timestep embedding.
+    adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
         if (self.num_heads is None) == (self.head_dim is None):
@@ -57,6 +63,33 @@ class UNetConfig:
             heads = self.heads_for(channels)
             if heads < 1 or channels % heads:
                 raise ValueError(f"{channels} channels at level {level} cannot be split into {heads} attention heads")
+        if self.transformer_depth < 1:
+            raise ValueError(f"transformer_depth must be at least 1, got {self.transformer_depth}")
+        if self.transformer_depth_per_level is not None:
+            self._check_depths(self.transformer_depth_per_level)
+
+    def _check_depths(self, depths: tuple[int, ...]) -> None:
+        name = "transformer_depth_per_level"
+        if len(depths) != len(self.channel_mult):
+            raise ValueError(f"{name} has {len(depths)} entries for {len(self.channel_mult)} levels")
+        for level, depth in enumerate(depths):
+            if level in self.attention_levels and depth < 1:
+                raise ValueError(f"{name}[{level}] is {depth}, but level {level} has attention: it needs at least 1")
+            if level not in self.attention_levels and depth != 0:
+                raise ValueError(f"{name}[{level}] is {depth}, but level {level} has no attention: it must be 0")
+        if all(depths[level] == self.transformer_depth for level in self.attention_levels):
+            raise ValueError(
+                f"{name} {depths} repeats transformer_depth {self.transformer_depth} at every attention level: "
+                "leave it None"
+            )
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks in each attention block of ``level`` (0 = full resolution)."""
+        if level not in self.attention_levels:
+            return 0
+        if self.transformer_depth_per_level is None:
+            return self.transformer_depth
+        return self.transformer_depth_per_level[level]
 
     def heads_for(self, channels: int) -> int:
         if self.num_heads is not None:
@@ -70,6 +103,40 @@ class UNetConfig:
     def from_dict(cls, d: dict, where: str = "UNetConfig") -> UNetConfig:
         """From JSON data, checked (types, LIMITS); BadFileError naming ``where`` otherwise."""
         return config_from_dict(cls, d, where)
+
+
+# Width of the sinusoidal embedding of each micro-conditioning number (SDXL's, base and refiner).
+MICRO_CONDITIONING_DIM = 256
+
+
+def sdxl_time_ids(
+    original_size: tuple[int, int],
+    crop_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    aesthetic_score: float | None = None,
+) -> torch.Tensor:
+    """SDXL's micro-conditioning numbers, [n] float32, in diffusers' order: original (height, width),
+    crop (top, left), then the target (height, width) for the base model or the aesthetic score for
+    the refiner: exactly one of ``target_size`` and ``aesthetic_score``."""
+    if (target_size is None) == (aesthetic_score is None):
+        raise ValueError("give exactly one of target_size (SDXL base) and aesthetic_score (SDXL refiner)")
+    tail = (aesthetic_score,) if target_size is None else tuple(target_size)
+    return torch.tensor([*original_size, *crop_top_left, *tail], dtype=torch.float32)
+
+
+def micro_conditioning(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """The U-Net's `y` for SDXL: the pooled text embedding [B, P] followed by the sinusoidal
+    embedding (``timestep_embedding``, cos then sin, 256 wide) of each of the ``time_ids``
+    ([n] for every row, or [B, n]), as diffusers' `text_time` embedding builds it. [B, P + 256 n] float32."""
+    if time_ids.ndim == 1:
+        time_ids = time_ids.expand(pooled.shape[0], -1)
+    if pooled.ndim != 2 or time_ids.ndim != 2 or time_ids.shape[0] != pooled.shape[0]:
+        raise ValueError(
+            f"pooled [B, P] and time_ids [n] or [B, n] expected, got {tuple(pooled.shape)}, {tuple(time_ids.shape)}"
+        )
+    fourier = timestep_embedding(time_ids.reshape(-1).to(pooled.device), MICRO_CONDITIONING_DIM)
+    fourier = fourier.reshape(time_ids.shape[0], -1)  # row b: id 0's embedding, then id 1's, ...
+    return torch.cat([pooled.float(), fourier], dim=-1)
 
 
 class ResBlock(nn.Module):
@@ -162,7 +229,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on the context by cross-attention."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetConfig, depth: int):
         super().__init__()
         heads = cfg.heads_for(channels)
         self.norm = GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
@@ -170,8 +237,7 @@ class SpatialTransformer(nn.Module):
         proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, cfg.context_dim, heads, cfg.upcast_attention)
-            for _ in range(cfg.transformer_depth)
+            BasicTransformerBlock(channels, cfg.context_dim, heads, cfg.upcast_attention) for _ in range(depth)
         )
         self.proj_out = zero_module(proj())
 
@@ -232,11 +298,13 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """`unet(x, t, context, concat=None) -> eps or v`.
+    """`unet(x, t, context, concat=None, y=None) -> eps or v`.
 
     x: [B, 4, h, w] latents; t: [B] (or scalar) float timesteps in [0, 999];
     context: [B, L, context_dim]; concat: optional [B, C, h, w] channels appended to x
-    (inpainting models take mask + masked-image latent). Returns [B, out_channels, h, w].
+    (inpainting models take mask + masked-image latent); y: [B, adm_in_channels], required by
+    (and only by) models with `adm_in_channels` (SDXL: `micro_conditioning(pooled, time_ids)`).
+    Returns [B, out_channels, h, w].
     """
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
@@ -246,6 +314,11 @@ class UNetModel(nn.Module):
         emb_dim = mc * 4
         self.gradient_checkpointing = False
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:
+            # Nested as the checkpoint's `label_emb.0.{0,2}` (the original's num_classes="sequential").
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
@@ -255,7 +328,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -263,7 +336,9 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), SpatialTransformer(ch, cfg), ResBlock(ch, emb_dim, ch, groups)
+            ResBlock(ch, emb_dim, ch, groups),
+            SpatialTransformer(ch, cfg, cfg.transformer_depth),
+            ResBlock(ch, emb_dim, ch, groups),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -272,7 +347,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -280,6 +355,23 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(groups, ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         )
+
+    def _add_conditioning(self, emb: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The timestep embedding plus SDXL's embedded `y`; a missing or unexpected `y` is an error
+        (silently ignoring it would sample from the wrong conditioning)."""
+        width = self.config.adm_in_channels
+        if width is None:
+            if y is not None:
+                raise ValueError("y was given, but this U-Net has no added conditioning (adm_in_channels is None)")
+            return emb
+        if y is None:
+            raise ValueError(
+                f"this U-Net (adm_in_channels={width}, SDXL-style) needs y [B, {width}]: the pooled text "
+                "embedding and the micro-conditioning, see micro_conditioning()"
+            )
+        if y.ndim != 2 or y.shape[1] != width:
+            raise ValueError(f"y must be [B, {width}] (adm_in_channels), got {tuple(y.shape)}")
+        return emb + self.label_emb(y.to(emb.dtype))
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -292,6 +384,7 @@ class UNetModel(nn.Module):
         t: torch.Tensor | float,
         context: torch.Tensor,
         concat: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
@@ -300,6 +393,7 @@ class UNetModel(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(emb_dtype))
+        emb = self._add_conditioning(emb, y)
         context = context.to(x.dtype)
 
         skips = []

@@ -114,11 +114,20 @@ _OPENCLIP_RENAMES = [
     (".mlp.c_proj.", ".mlp.fc2."),
 ]
 _OPENCLIP_DROPPED = ("text_projection", "logit_scale", "visual.", "attn_mask")
+# OpenCLIP applies its projection as `pooled @ text_projection` ([width, dim]); transformers and we
+# hold it as a bias-free Linear's weight ([dim, width]): the same matrix transposed.
+_OPENCLIP_PROJECTION = "text_projection"
+PROJECTION_KEY = "text_projection.weight"
 
 
-def openclip_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def openclip_to_ours(sd: dict[str, torch.Tensor], keep_projection: bool = False) -> dict[str, torch.Tensor]:
+    """OpenCLIP's text tower in our names; its `text_projection` is kept (transposed) only with
+    ``keep_projection`` (SDXL's bigG uses it; SD 2.x does not)."""
     out = {}
     for key, value in sd.items():
+        if keep_projection and key == _OPENCLIP_PROJECTION:
+            out[PROJECTION_KEY] = value.t().contiguous()
+            continue
         if key.startswith(_OPENCLIP_DROPPED):
             continue
         if ".attn.in_proj_" in key:
@@ -141,8 +150,30 @@ def ours_to_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[_rename(base + ".", reverse) + "attn.in_proj_" + kind] = torch.cat(parts, dim=0)
         elif ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
             continue
+        elif key == PROJECTION_KEY:
+            out[_OPENCLIP_PROJECTION] = value.t().contiguous()
         else:
             out[_rename(key, reverse)] = value
+    return out
+
+
+# SDXL's original single file holds both text towers under its `conditioner`: OpenAI CLIP ViT-L in
+# transformers' names, OpenCLIP ViT-bigG in OpenCLIP's (fused in_proj, transposed projection).
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
+
+
+def sdxl_text_from_single_file(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(text, text_2): SDXL's two text towers in our names, from its single file's keys."""
+    text = _take_prefix(sd, SDXL_TEXT_PREFIX)
+    text.pop("embeddings.position_ids", None)
+    return text, openclip_to_ours(_take_prefix(sd, SDXL_TEXT_2_PREFIX), keep_projection=True)
+
+
+def sdxl_text_to_single_file(text: dict[str, torch.Tensor], text_2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``sdxl_text_from_single_file``."""
+    out = {SDXL_TEXT_PREFIX + k: v for k, v in text.items()}
+    out.update({SDXL_TEXT_2_PREFIX + k: v for k, v in ours_to_openclip(text_2).items()})
     return out
 
 
@@ -179,12 +210,17 @@ _VAE_ATTENTION_LEGACY = {
 
 def unet_block_pairs(channel_mult: tuple[int, ...], num_res_blocks: int, attention_levels: Iterable[int]):
     """(our module path, diffusers module path, suffix table) for every U-Net module, in the
-    order UNetModel's constructor creates them."""
+    order UNetModel's constructor creates them. A transformer's insides (`transformer_blocks.N...`)
+    are named alike on both sides, so its depth (per level or not) needs no pairs of its own; SDXL's
+    added-conditioning embedding is listed for every model, since a pair renames only the keys a
+    model has."""
     attention_levels = set(attention_levels)
     levels = len(channel_mult)
     pairs = [
         ("time_embed.0", "time_embedding.linear_1", {}),
         ("time_embed.2", "time_embedding.linear_2", {}),
+        ("label_emb.0.0", "add_embedding.linear_1", {}),
+        ("label_emb.0.2", "add_embedding.linear_2", {}),
         ("input_blocks.0.0", "conv_in", {}),
         ("out.0", "conv_norm_out", {}),
         ("out.2", "conv_out", {}),
@@ -299,16 +335,18 @@ TEXT_PREFIX = "text_model."
 TEXT_IGNORED = ("text_model.embeddings.position_ids", "text_projection.", "logit_scale")
 
 
-def text_transformers_to_ours(sd: dict) -> dict:
+def text_transformers_to_ours(sd: dict, keep_projection: bool = False) -> dict:
+    """transformers' CLIPTextModel (or, with ``keep_projection``, CLIPTextModelWithProjection:
+    SDXL's `text_encoder_2`, whose `text_projection.weight` keeps its name) in our names."""
+    ignored = tuple(p for p in TEXT_IGNORED if not (keep_projection and p == "text_projection."))
     return {
-        k[len(TEXT_PREFIX) :] if k.startswith(TEXT_PREFIX) else k: v
-        for k, v in sd.items()
-        if not k.startswith(TEXT_IGNORED)
+        k[len(TEXT_PREFIX) :] if k.startswith(TEXT_PREFIX) else k: v for k, v in sd.items() if not k.startswith(ignored)
     }
 
 
 def text_ours_to_transformers(sd: dict) -> dict:
-    return {TEXT_PREFIX + k: v for k, v in sd.items()}
+    # The projection sits beside `text_model`, as in transformers' CLIPTextModelWithProjection.
+    return {k if k == PROJECTION_KEY else TEXT_PREFIX + k: v for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +379,10 @@ LORA_LEGACY_TEXT_MODULES = {
 
 # --------------------------------------------------------------------------------------------
 # diffusers / transformers config.json <-> our config fields (plain dicts: no model import).
+
+# SDXL's micro-conditioning: each number is embedded 256 wide (diffusers' addition_time_embed_dim;
+# the same constant as models.unet.MICRO_CONDITIONING_DIM, which this module may not import).
+MICRO_CONDITIONING_DIM = 256
 # The configs are strangers' JSON: every value read is type-checked here (ValueError naming the
 # key); the sizes are then checked against limits.LIMITS by the caller, which names the file.
 
@@ -354,7 +396,9 @@ UNET_DIFFUSERS_KEYS = {
     "num_heads": "attention_head_dim",
     "head_dim": "attention_head_dim",
     "transformer_depth": "transformer_layers_per_block",
+    "transformer_depth_per_level": "transformer_layers_per_block",
     "context_dim": "cross_attention_dim",
+    "adm_in_channels": "projection_class_embeddings_input_dim",
     "use_linear_proj": "use_linear_projection",
     "norm_groups": "norm_num_groups",
 }
@@ -410,6 +454,9 @@ def _get(c: dict, key: str, default, kind: str):
 def unet_config_from_diffusers(c: dict) -> dict:
     if not isinstance(c, dict):
         raise ValueError(f"a U-Net config must be a JSON object, got {type(c).__name__}")
+    for key in _UNET_UNSUPPORTED:
+        if c.get(key) is not None:
+            raise ValueError(f"{key} {c[key]!r:.60} is not supported (a U-Net feature we do not build)")
     blocks = list(_get(c, "block_out_channels", (320, 640, 1280, 1280), "ints"))
     mc = blocks[0]
     if any(b % mc for b in blocks):
@@ -438,30 +485,72 @@ def unet_config_from_diffusers(c: dict) -> dict:
             heads_fields = {"num_heads": None, "head_dim": widths.pop()}
         else:
             raise ValueError(f"attention_head_dim {heads} is neither constant heads nor constant head width")
-    depth = c.get("transformer_layers_per_block", 1)
-    if isinstance(depth, list):
-        raise ValueError(f"per-level transformer_layers_per_block {depth!r:.60} is not supported")
+    attention = tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn"))
     return {
         "in_channels": _get(c, "in_channels", 4, "int"),
         "out_channels": _get(c, "out_channels", 4, "int"),
         "model_channels": mc,
         "channel_mult": tuple(b // mc for b in blocks),
         "num_res_blocks": layers,
-        "attention_levels": tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn")),
+        "attention_levels": attention,
         **heads_fields,
-        "transformer_depth": _get(c, "transformer_layers_per_block", 1, "int"),
+        **_transformer_depths(c, len(blocks), attention),
         "context_dim": _get(c, "cross_attention_dim", 768, "int"),
         "use_linear_proj": _get(c, "use_linear_projection", False, "flag"),
         "upcast_attention": _get(c, "upcast_attention", False, "flag"),
         "norm_groups": _get(c, "norm_num_groups", 32, "int"),
+        "adm_in_channels": _added_conditioning(c),
     }
+
+
+# diffusers U-Net features with weights or inputs our U-Net does not have: a config that sets one
+# is refused by name rather than failing later on unknown weights.
+_UNET_UNSUPPORTED = (
+    "class_embed_type",
+    "num_class_embeds",
+    "time_cond_proj_dim",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "reverse_transformer_layers_per_block",
+)
+
+
+def _transformer_depths(c: dict, levels: int, attention: tuple[int, ...]) -> dict:
+    """transformer_depth (the middle block's: diffusers gives it the last level's entry) and
+    transformer_depth_per_level (None unless the attention levels differ from it)."""
+    key = "transformer_layers_per_block"
+    depth = c.get(key, 1)
+    if not isinstance(depth, (list, tuple)):
+        return {"transformer_depth": _get(c, key, 1, "int"), "transformer_depth_per_level": None}
+    if any(isinstance(d, (list, tuple)) for d in depth):
+        raise ValueError(f"{key} with a depth per transformer block {depth!r:.60} is not supported")
+    depth = _get(c, key, 1, "ints")
+    if len(depth) != levels:
+        raise ValueError(f"{key} has {len(depth)} entries for {levels} block_out_channels")
+    middle = depth[-1]
+    per_level = tuple(depth[i] if i in attention else 0 for i in range(levels))
+    same = all(per_level[i] == middle for i in attention)
+    return {"transformer_depth": middle, "transformer_depth_per_level": None if same else per_level}
+
+
+def _added_conditioning(c: dict) -> int | None:
+    """adm_in_channels: SDXL's `text_time` embedding (pooled text + 256-wide time ids), or None."""
+    kind = c.get("addition_embed_type")
+    if kind is None:
+        return None
+    if kind != "text_time":
+        raise ValueError(f"addition_embed_type {kind!r:.60} is not supported (only SDXL's 'text_time')")
+    time_dim = _get(c, "addition_time_embed_dim", None, "int")
+    if time_dim != MICRO_CONDITIONING_DIM:
+        raise ValueError(f"addition_time_embed_dim {time_dim} is not supported (only SDXL's {MICRO_CONDITIONING_DIM})")
+    return _get(c, "projection_class_embeddings_input_dim", None, "int")
 
 
 def unet_config_to_diffusers(u: dict) -> dict:
     mc, mult, att = u["model_channels"], u["channel_mult"], set(u["attention_levels"])
     blocks = [mc * m for m in mult]
     heads = [u["num_heads"] or b // u["head_dim"] for b in blocks]
-    return {
+    out = {
         "_class_name": "UNet2DConditionModel",
         "in_channels": u["in_channels"],
         "out_channels": u["out_channels"],
@@ -471,7 +560,7 @@ def unet_config_to_diffusers(u: dict) -> dict:
         "up_block_types": ["CrossAttnUpBlock2D" if i in att else "UpBlock2D" for i in reversed(range(len(mult)))],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "attention_head_dim": heads if u["num_heads"] is None else u["num_heads"],
-        "transformer_layers_per_block": u["transformer_depth"],
+        "transformer_layers_per_block": _transformer_layers_per_block(u),
         "cross_attention_dim": u["context_dim"],
         "use_linear_projection": u["use_linear_proj"],
         "upcast_attention": u["upcast_attention"],
@@ -483,6 +572,28 @@ def unet_config_to_diffusers(u: dict) -> dict:
         "center_input_sample": False,
         "downsample_padding": 1,
     }
+    if u.get("adm_in_channels") is not None:
+        out.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=MICRO_CONDITIONING_DIM,
+            projection_class_embeddings_input_dim=u["adm_in_channels"],
+        )
+    return out
+
+
+def _transformer_layers_per_block(u: dict) -> int | list[int]:
+    """diffusers' depths: per level, the middle block taking the last level's entry (1, as in
+    diffusers' own configs, at other levels without attention)."""
+    middle, per_level = u["transformer_depth"], u.get("transformer_depth_per_level")
+    if per_level is None:
+        return middle
+    last = len(per_level) - 1
+    if last in u["attention_levels"] and per_level[last] != middle:
+        raise ValueError(
+            f"transformer_depth {middle} differs from the deepest level's {per_level[last]}: "
+            "diffusers cannot express it"
+        )
+    return [per_level[i] or (middle if i == last else 1) for i in range(len(per_level))]
 
 
 def vae_config_from_diffusers(c: dict) -> dict:
@@ -521,7 +632,9 @@ def vae_config_to_diffusers(v: dict) -> dict:
     }
 
 
-def text_config_from_transformers(c: dict) -> dict:
+def text_config_from_transformers(c: dict, with_projection: bool = False) -> dict:
+    """Our CLIPTextConfig fields from a transformers text config.json; ``with_projection`` reads
+    `projection_dim` too (a CLIPTextModelWithProjection, SDXL's `text_encoder_2`)."""
     if not isinstance(c, dict):
         raise ValueError(f"a text-encoder config must be a JSON object, got {type(c).__name__}")
     act = _get(c, "hidden_act", "quick_gelu", "str")
@@ -541,12 +654,14 @@ def text_config_from_transformers(c: dict) -> dict:
         "activation": act,
         "layer_norm_eps": _get(c, "layer_norm_eps", 1e-5, "number"),
         "skip_layers": 0,
+        "projection_dim": _get(c, "projection_dim", 512, "int") if with_projection else None,
     }
 
 
 def text_config_to_transformers(t: dict, bos_id: int, eos_id: int, pad_id: int) -> dict:
+    projection = t.get("projection_dim")
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModel" if projection is None else "CLIPTextModelWithProjection"],
         "model_type": "clip_text_model",
         "vocab_size": t["vocab_size"],
         "hidden_size": t["width"],
@@ -556,7 +671,7 @@ def text_config_to_transformers(t: dict, bos_id: int, eos_id: int, pad_id: int) 
         "max_position_embeddings": t["max_positions"],
         "hidden_act": t["activation"],
         "layer_norm_eps": t["layer_norm_eps"],
-        "projection_dim": t["width"],
+        "projection_dim": t["width"] if projection is None else projection,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
