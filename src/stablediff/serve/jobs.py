@@ -76,21 +76,44 @@ class Progress:
 
 
 class Worker:
-    """One loaded model and the thread that runs its jobs, one at a time."""
+    """One loaded model and the thread that loads it and runs its jobs, one at a time.
 
-    def __init__(self, manager: JobManager, entry: ModelEntry, pipe, digest: str | None):
+    Every torch call of the model happens on that one thread, loading and the preview fit
+    included: a model loaded on one thread and run on another gave the process two OpenMP thread
+    teams, and a job then took twice as long on two cores (benchmarks/serve_load.py)."""
+
+    def __init__(self, manager: JobManager, entry: ModelEntry):
         self.manager = manager
         self.entry = entry
-        self.pipe = pipe
-        self.digest = digest
-        self.writer = ImageWriter(pipe, digest)
-        self.weight, self.bias = fit_projection(pipe)
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.pending = 0  # jobs queued and not yet started
         self.running: str | None = None
         self.retired = False
-        self.thread = threading.Thread(target=self._loop, name=f"stablediff-worker-{entry.name}", daemon=True)
+        self._loaded = threading.Event()
+        self._error: ValueError | None = None
+        self.thread = threading.Thread(target=self._main, name=f"stablediff-worker-{entry.name}", daemon=True)
         self.thread.start()
+        self._loaded.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        try:
+            self.pipe, self.digest = load_entry(self.entry, self.manager.config.device)
+            # a prompt's <lora:name:w> tags and embedding names are looked up in these folders
+            self.pipe.lora_dir = self.manager.config.lora_dir
+            self.pipe.embeddings_dir = self.manager.config.embeddings_dir
+            self.writer = ImageWriter(self.pipe, self.digest)
+            # the preview fit decodes with the model's VAE: a broken model can fail here too
+            self.weight, self.bias = fit_projection(self.pipe)
+        except Exception as err:
+            self._error = (
+                err if isinstance(err, ValueError) else ValueError(f"cannot load model {self.entry.name!r}: {err}")
+            )
+            return
+        finally:
+            self._loaded.set()
+        self._loop()
 
     @property
     def model_name(self) -> str:
@@ -218,13 +241,7 @@ class JobManager:
     # ---- models ---------------------------------------------------------------------------
 
     def _start_worker(self, entry: ModelEntry) -> Worker:
-        pipe, digest = load_entry(entry, self.config.device)
-        # a prompt's <lora:name:w> tags and embedding names are looked up in these folders
-        pipe.lora_dir, pipe.embeddings_dir = self.config.lora_dir, self.config.embeddings_dir
-        try:
-            worker = Worker(self, entry, pipe, digest)
-        except Exception as err:  # the preview fit decodes with the model's VAE: a broken model can fail here
-            raise ValueError(f"cannot load model {entry.name!r}: {err}") from None
+        worker = Worker(self, entry)  # ValueError naming the model if it cannot be loaded
         self.workers.append(worker)
         return worker
 
