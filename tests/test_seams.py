@@ -22,9 +22,20 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("stablediff.nn", ("stablediff",), ()),
     (
         "stablediff.models",
-        ("stablediff.diffusion", "stablediff.weights", "stablediff.pipeline", "stablediff.loading", "PIL"),
+        (
+            "stablediff.diffusion",
+            "stablediff.weights",
+            "stablediff.pipeline",
+            "stablediff.loading",
+            "stablediff.tiling",
+            "stablediff.memory",
+            "PIL",
+        ),
         (),
     ),
+    # tiled VAE passes work on the models' types; the estimate before a run reads configs only
+    ("stablediff.tiling", ("stablediff.pipeline", "stablediff.loading", "stablediff.weights", *_SHARED, "PIL"), ()),
+    ("stablediff.memory", ("stablediff.pipeline", "stablediff.loading", "stablediff.weights", *_SHARED, "PIL"), ()),
     ("stablediff.tokenizer", ("torch", "stablediff"), ()),
     ("stablediff.diffusion", ("stablediff.models", "stablediff.weights", "stablediff.pipeline", "PIL"), ()),
     (

@@ -77,6 +77,7 @@ _WEIGHT_FILES = {
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
 }
 _WEIGHT_FILES["vae"] = _WEIGHT_FILES["unet"]
+_WEIGHT_FILES["text_encoder_2"] = _WEIGHT_FILES["text_encoder"]
 # A file `save(..., overwrite=True)` may replace: safetensors by content, or a torch checkpoint by
 # content with one of these names (a pickle may hold anything).
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -190,21 +191,46 @@ def model_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:10]
 
 
-def _build(spec: ModelSpec, unet_sd: dict, vae_sd: dict, text_sd: dict, tokenizer, device, dtype) -> StableDiffusion:
+def _build(
+    spec: ModelSpec,
+    unet_sd: dict,
+    vae_sd: dict,
+    text_sd: dict,
+    tokenizer,
+    device,
+    dtype,
+    text_2_sd: dict | None = None,
+    tokenizer_2: CLIPTokenizer | None = None,
+) -> StableDiffusion:
+    """The pipeline of ``spec`` with the given our-named weights (``text_2_sd``: SDXL base's bigG,
+    read with ``tokenizer_2``, by default CLIP's vocabulary padding with ``spec.pad_token_2``)."""
     with torch.device("meta"):
         unet, vae, text = UNetModel(spec.unet), AutoencoderKL(spec.vae), CLIPTextModel(spec.text)
+        text_2 = None if spec.text_2 is None else CLIPTextModel(spec.text_2)
     load_strict(unet, unet_sd, "unet", device=device, dtype=dtype)
     load_strict(vae, vae_sd, "vae", device=device, dtype=dtype)
     load_strict(text, text_sd, "text_encoder", device=device, dtype=dtype)
-    return StableDiffusion(unet.eval(), vae.eval(), text.eval(), tokenizer, spec)
+    if text_2 is not None:
+        load_strict(text_2, text_2_sd or {}, "text_encoder_2", device=device, dtype=dtype)
+        text_2.eval()
+    return StableDiffusion(
+        unet.eval(), vae.eval(), text.eval(), tokenizer, spec, text_2, tokenizer_2 or _tokenizer_2(spec)
+    )
+
+
+def _tokenizer_2(spec: ModelSpec) -> CLIPTokenizer | None:
+    """SDXL base's second tokenizer: CLIP's vocabulary padding with ``spec.pad_token_2``."""
+    return None if spec.text_2 is None else CLIPTokenizer.default(pad_token=spec.pad_token_2)
 
 
 def _build_random(spec: ModelSpec, device, dtype, seed: int) -> StableDiffusion:
     generator = torch.Generator().manual_seed(seed)
     nets = [UNetModel(spec.unet), AutoencoderKL(spec.vae), CLIPTextModel(spec.text)]
-    for net in nets:
+    text_2 = None if spec.text_2 is None else CLIPTextModel(spec.text_2)
+    for net in [*nets, *([text_2] if text_2 is not None else [])]:
         randomize_(net, generator).to(device=device, dtype=dtype).eval()
-    return StableDiffusion(*nets, CLIPTokenizer.default(pad_token=spec.pad_token), spec)
+    tokenizer = CLIPTokenizer.default(pad_token=spec.pad_token)
+    return StableDiffusion(*nets, tokenizer, spec, text_2, _tokenizer_2(spec))
 
 
 def _load_single_file(path: Path, device, dtype, use_ema: bool, spec: ModelSpec | None) -> StableDiffusion:
@@ -304,11 +330,12 @@ def _part_file(folder: Path, part: str) -> Path:
 def _load_diffusers(folder: Path, device, dtype, spec: ModelSpec | None) -> StableDiffusion:
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} is a folder without model_index.json: not a diffusers model folder")
-    for part in DIFFUSERS_PARTS:
+    text, tok, text_2 = _text_parts(folder)
+    for part in ("unet", "vae", text, tok):
         if not (folder / part).is_dir():
             raise CheckpointError(f"diffusers folder {folder} is missing {part}/")
-    tokenizer = _tokenizer(folder / "tokenizer", lambda: CLIPTokenizer.from_folder(folder / "tokenizer"))
-    files = {part: _part_file(folder, part) for part in ("unet", "vae", "text_encoder")}
+    tokenizer = _tokenizer(folder / tok, lambda: CLIPTokenizer.from_folder(folder / tok))
+    files = {part: _part_file(folder, part) for part in ("unet", "vae", text)}
     stored = False
     if spec is None:
         spec, stored = _diffusers_spec(folder, files["unet"], tokenizer)
@@ -317,25 +344,46 @@ def _load_diffusers(folder: Path, device, dtype, spec: ModelSpec | None) -> Stab
         read_state_dict(files["unet"]), u.channel_mult, u.num_res_blocks, u.attention_levels
     )
     vae_sd = convert.vae_diffusers_to_ours(read_state_dict(files["vae"]), len(v.ch_mult), v.num_res_blocks)
-    text_sd = convert.text_transformers_to_ours(read_state_dict(files["text_encoder"]))
+    # SDXL's bigG (the refiner's only tower) keeps its text_projection: its pooled output is projected
+    text_sd = convert.text_transformers_to_ours(read_state_dict(files[text]), keep_projection=text != "text_encoder")
+    text_2_sd = tokenizer_2 = None
+    if text_2:
+        tokenizer_2 = _tokenizer(folder / "tokenizer_2", lambda: CLIPTokenizer.from_folder(folder / "tokenizer_2"))
+        spec = replace(spec, pad_token_2=tokenizer_2.pad_token)
+        text_2_sd = convert.text_transformers_to_ours(
+            read_state_dict(_part_file(folder, "text_encoder_2")), keep_projection=True
+        )
     if stored:
         check_against_weights(spec, {"unet": unet_sd, "vae": vae_sd, "text": text_sd}, files["unet"])
-    return _build(spec, unet_sd, vae_sd, text_sd, tokenizer, device, dtype)
+    return _build(spec, unet_sd, vae_sd, text_sd, tokenizer, device, dtype, text_2_sd, tokenizer_2)
+
+
+def _text_parts(folder: Path) -> tuple[str, str, bool]:
+    """(text encoder folder, tokenizer folder, whether a second tower follows) of a diffusers
+    folder: SD's text_encoder/; SDXL base's text_encoder/ then text_encoder_2/; SDXL refiner's
+    text_encoder_2/ alone (bigG, our spec's only tower)."""
+    first, second = (folder / "text_encoder").is_dir(), (folder / "text_encoder_2").is_dir()
+    if second and not first:
+        return "text_encoder_2", "tokenizer_2", False
+    return "text_encoder", "tokenizer", second
 
 
 def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> tuple[ModelSpec, bool]:
     """The spec of a diffusers folder, from its config files (and from our own metadata when we
     wrote the folder: it keeps the name and schedule facts that configs do not carry), and whether
     it came from that metadata."""
-    unet_path, vae_path, text_path = (folder / part / "config.json" for part in ("unet", "vae", "text_encoder"))
+    text, _, has_text_2 = _text_parts(folder)
+    unet_path, vae_path, text_path = (folder / part / "config.json" for part in ("unet", "vae", text))
     unet_json = _read_json(unet_path)
     vae_cfg = _network_config(
         VAEConfig, convert.vae_config_from_diffusers, _read_json(vae_path), vae_path, convert.VAE_DIFFUSERS_KEYS
     )
-    text_json = _read_json(text_path)
-    text_cfg = _network_config(
-        CLIPTextConfig, convert.text_config_from_transformers, text_json, text_path, convert.TEXT_TRANSFORMERS_KEYS
-    )
+    text_cfg = _text_config(text_path, projection=text != "text_encoder")
+    text_2_cfg = _text_config(folder / "text_encoder_2" / "config.json", projection=True) if has_text_2 else None
+    index = _read_json(folder / "model_index.json")
+    force_zeros = index.get("force_zeros_for_empty_prompt", False)
+    if type(force_zeros) is not bool:
+        raise CheckpointError(f"{folder / 'model_index.json'}: force_zeros_for_empty_prompt must be true or false")
     unet_cfg = _network_config(
         UNetConfig, convert.unet_config_from_diffusers, unet_json, unet_path, convert.UNET_DIFFUSERS_KEYS
     )
@@ -354,14 +402,28 @@ def _diffusers_spec(folder: Path, unet_file: Path, tokenizer: CLIPTokenizer) -> 
             unet=unet_cfg,
             vae=vae_cfg,
             text=text_cfg,
+            text_2=text_2_cfg,
+            force_zeros_for_empty_prompt=force_zeros,
             text_format="openclip" if text_cfg.activation == "gelu" else "openai",
             prediction_type=_prediction_type(sched, scheduler_path),
             schedule=_schedule_from_diffusers(sched, scheduler_path),
             default_size=_default_size(unet_json, unet_path, vae_cfg.downscale),
         )
         check_values(spec, folder)
+    if spec.is_sdxl:
+        # SDXL reads its towers' penultimate layer without the final norm (diffusers' hidden_states[-2])
+        sdxl = lambda t: replace(t, skip_layers=1, context_norm=False)  # noqa: E731
+        return replace(
+            spec, text=sdxl(text_cfg), text_2=text_2_cfg and sdxl(text_2_cfg), pad_token=tokenizer.pad_token
+        ), stored
     # transformers runs every layer it has: the folder's text tower never skips layers.
     return replace(spec, text=text_cfg, pad_token=tokenizer.pad_token), stored
+
+
+def _text_config(path: Path, projection: bool) -> CLIPTextConfig:
+    """A text tower's config.json; ``projection``: a CLIPTextModelWithProjection (SDXL's bigG)."""
+    read = lambda c: convert.text_config_from_transformers(c, with_projection=projection)  # noqa: E731
+    return _network_config(CLIPTextConfig, read, _read_json(path), path, convert.TEXT_TRANSFORMERS_KEYS)
 
 
 # scheduler_config.json key -> ScheduleConfig field; a key the file lacks keeps our default.
@@ -482,6 +544,8 @@ def save(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} not in {LAYOUTS}")
+    if pipe.spec.is_sdxl:  # both layouts would need SDXL's conditioner keys / text_encoder_2 folder
+        raise NotImplementedError("saving SDXL models is not supported yet (issue 19): load them from their files")
     path = Path(path)
     if os.path.lexists(path):
         if not overwrite:

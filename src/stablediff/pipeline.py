@@ -38,11 +38,18 @@ from stablediff.image import (
     tensor_to_images,
 )
 from stablediff.models.clip import CLIPTextModel
-from stablediff.models.unet import UNetModel
+from stablediff.models.unet import UNetModel, micro_conditioning, sdxl_time_ids
 from stablediff.models.vae import AutoencoderKL, DiagonalGaussian
 from stablediff.params import GenerationParams
 from stablediff.presets import ModelSpec
-from stablediff.prompts import encode_chunks, pad_chunks, tokenize_prompt
+from stablediff.prompts import (
+    SDXLConditioning,
+    encode_chunks,
+    encode_pooled_prompt,
+    encode_sdxl_prompt,
+    pad_chunks,
+    tokenize_prompt,
+)
 from stablediff.tiling import (
     DEFAULT_TILE,
     available_memory,
@@ -74,6 +81,10 @@ class StableDiffusion(AddOns):
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     spec: ModelSpec
+    # SDXL base's second text tower (OpenCLIP bigG) and its tokenizer (pads with "!"); None for SD
+    # 1.x/2.x and for SDXL's refiner, whose only tower (bigG) is `text_encoder`.
+    text_encoder_2: CLIPTextModel | None = field(default=None)
+    tokenizer_2: CLIPTokenizer | None = field(default=None)
     source: str | None = field(default=None)  # the file or folder it was loaded from
     # The images of a batch through the U-Net together (True) or one after another (False), each
     # with its own generator either way. One at a time, image k is bit-identical to a batch of one
@@ -83,6 +94,7 @@ class StableDiffusion(AddOns):
     # VAE tiling (stablediff.tiling, docs/memory.md): "auto" tiles a decode or encode whose estimated
     # peak exceeds `vae_memory_budget` bytes (None: the memory available on the device at the time);
     # "always" and "never" force the choice. `vae_tile_size`: pixels per side of a tile's core.
+    # Tiled passes equal untiled ones up to float rounding, at 3-4x the work.
     vae_tiling: str = field(default="auto")
     vae_tile_size: int = field(default=DEFAULT_TILE)
     vae_memory_budget: int | None = field(default=None)
@@ -99,13 +111,21 @@ class StableDiffusion(AddOns):
         return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
-        for net in (self.unet, self.vae, self.text_encoder):
+        for net in self.networks():
             net.to(device=device, dtype=dtype)
         return self
 
+    def networks(self) -> tuple[torch.nn.Module, ...]:
+        """The U-Net, the VAE and the text encoder(s)."""
+        second = () if self.text_encoder_2 is None else (self.text_encoder_2,)
+        return (self.unet, self.vae, self.text_encoder, *second)
+
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Our-named weights of the three networks: {"unet", "vae", "text"}."""
-        return {"unet": self.unet.state_dict(), "vae": self.vae.state_dict(), "text": self.text_encoder.state_dict()}
+        """Our-named weights of the networks: {"unet", "vae", "text"}, and "text_2" for SDXL base."""
+        sds = {"unet": self.unet.state_dict(), "vae": self.vae.state_dict(), "text": self.text_encoder.state_dict()}
+        if self.text_encoder_2 is not None:
+            sds["text_2"] = self.text_encoder_2.state_dict()
+        return sds
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.spec.schedule)
@@ -132,6 +152,57 @@ class StableDiffusion(AddOns):
         )
         return encode_chunks(encode, cond, self.device), encode_chunks(encode, uncond, self.device)
 
+    @torch.no_grad()
+    def encode_sdxl_prompt(self, params: GenerationParams) -> SDXLConditioning:
+        """SDXL's contexts and pooled embeddings for ``params``' prompts (``prompt_2`` /
+        ``negative_prompt_2`` for the second tower, clip skip counted as in ``encode_prompt``), as
+        diffusers' ``encode_prompt``; the refiner reads ``prompt`` with its one tower (bigG)."""
+        if len(self._embedding_table):
+            raise ValueError("textual-inversion embeddings are not supported for SDXL yet")
+
+        def skip(encoder: CLIPTextModel) -> int:
+            return encoder.config.skip_layers + params.clip_skip - 1
+
+        pooled = self.text_encoder if self.text_encoder_2 is None else self.text_encoder_2
+        encode_pooled = lambda ids: pooled.encode_pooled(ids, skip_layers=skip(pooled))  # noqa: E731
+        zeros = self.spec.force_zeros_for_empty_prompt
+        if self.text_encoder_2 is None:
+            return encode_pooled_prompt(
+                self.tokenizer, encode_pooled, params.prompt, params.negative_prompt,
+                force_zeros_for_empty_prompt=zeros, device=self.device,
+            )  # fmt: skip
+        return encode_sdxl_prompt(
+            (self.tokenizer, self.tokenizer_2),
+            (lambda ids: self.text_encoder(ids, skip_layers=skip(self.text_encoder)), encode_pooled),
+            params.prompt,
+            params.negative_prompt,
+            params.prompt_2,
+            params.negative_prompt_2,
+            force_zeros_for_empty_prompt=zeros,
+            device=self.device,
+        )
+
+    def sdxl_time_ids(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-conditioning numbers of the conditional and unconditional halves, as diffusers'
+        SDXL pipelines build them: sizes default to the image size (height, width); the negative
+        half takes ``negative_original_size`` / ``negative_target_size`` where given (else the
+        conditional values) with crops (0, 0), diffusers' default ``negative_crops_coords_top_left``;
+        the refiner has the aesthetic scores in place of the target size."""
+        size = (params.height, params.width)
+        original, crops = params.original_size or size, params.crops_coords_top_left
+        target = params.target_size or size
+        if self.spec.is_refiner:
+            negative_original = params.negative_original_size or original
+            return (
+                sdxl_time_ids(original, crops, aesthetic_score=params.aesthetic_score),
+                sdxl_time_ids(negative_original, (0, 0), aesthetic_score=params.negative_aesthetic_score),
+            )
+        cond = sdxl_time_ids(original, crops, target)
+        if params.negative_original_size is None and params.negative_target_size is None:
+            return cond, cond  # diffusers: the unconditional half repeats the conditional ids
+        negative = (params.negative_original_size or original, (0, 0), params.negative_target_size or target)
+        return cond, sdxl_time_ids(*negative)
+
     def resolve_params(self, params: GenerationParams) -> GenerationParams:
         """`params` as a generation uses them: a width or height of None becomes the model's own image
         size (`spec.default_size`). Record these with the images, not the params passed in."""
@@ -143,6 +214,8 @@ class StableDiffusion(AddOns):
         params: GenerationParams,
         callback: ProgressCallback | None = None,
         preview: PreviewCallback | None = None,
+        *,
+        init_latents: torch.Tensor | None = None,
     ) -> list[Image.Image]:
         """Images for `params` (resolved by `resolve_params` and validated first; nothing is computed
         for invalid params).
@@ -152,19 +225,23 @@ class StableDiffusion(AddOns):
         float32 (progress starts over); a decoded image that is not finite from a half-precision VAE
         is decoded again in float32. Each fallback logs a warning and is named in `last_fallback`;
         the weights are back in their dtype afterwards, bit for bit. What stays non-finite in
-        float32 is a ValueError that says where it arose: in the latents or in the decoded image."""
+        float32 is a ValueError that says where it arose: in the latents or in the decoded image.
+
+        ``init_latents``: a base model's latents from a run with ``denoising_end`` (``sample_latents``),
+        continued from ``params.denoising_start`` (an SDXL refiner, or the base itself)."""
         self.last_fallback = ()
         half = self.dtype in _HALF
         try:
-            latents = self.sample_latents(params, callback, _stop_when_non_finite(preview) if half else preview)
+            watch = _stop_when_non_finite(preview) if half else preview
+            latents = self.sample_latents(params, callback, watch, init_latents=init_latents)
             overflowed = half and not torch.isfinite(latents).all()
         except _NonFinite:
             overflowed = True
         if overflowed:
-            nets = (self.unet, self.text_encoder) + ((self.vae,) if params.init_image is not None else ())
+            nets = [net for net in self.networks() if net is not self.vae or params.init_image is not None]
             self._fall_back("sampling", f"the U-Net in {self.dtype}")
             with _in_float32(*nets):
-                latents = self.sample_latents(params, callback, preview)
+                latents = self.sample_latents(params, callback, preview, init_latents=init_latents)
         if not torch.isfinite(latents).all():
             raise ValueError(
                 f"the latents became non-finite (NaN or inf) during sampling, with the U-Net in {self.dtype}"
@@ -208,7 +285,10 @@ class StableDiffusion(AddOns):
         images = []
         for z in latents:
             z = z[None].to(self.device, vae_dtype)
-            images.append((decode_tiled(self.vae, z, self.vae_tile_size) if tiled else self.vae.decode(z)).float())
+            if tiled:
+                images.append(decode_tiled(self.vae, z, self.vae_tile_size).float())
+            else:
+                images.append(self.vae.decode(z).float())
         return torch.cat(images)
 
     @torch.no_grad()
@@ -226,15 +306,25 @@ class StableDiffusion(AddOns):
         params: GenerationParams,
         callback: ProgressCallback | None = None,
         preview: PreviewCallback | None = None,
+        *,
+        init_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the sampler; returns the final scaled latents [B, 4, h, w] in float32. The prompt's
-        ``<lora:name:w>`` tags apply to this run only (`AddOns.prompt_addons`)."""
+        ``<lora:name:w>`` tags apply to this run only (`AddOns.prompt_addons`).
+
+        With ``params.denoising_end`` the run stops there and the latents are those diffusers'
+        scheduler holds at that point (``SamplingPlan.handoff_scale``), for a refiner to continue
+        with ``denoising_start`` and these as ``init_latents`` (nothing is drawn for them)."""
         params = self.resolve_params(params).validate()
         with self.prompt_addons(params.prompt, params.negative_prompt) as prompt:
-            return self._sample(replace(params, prompt=prompt), callback, preview)
+            return self._sample(replace(params, prompt=prompt), callback, preview, init_latents)
 
     def _sample(
-        self, params: GenerationParams, callback: ProgressCallback | None, preview: PreviewCallback | None
+        self,
+        params: GenerationParams,
+        callback: ProgressCallback | None,
+        preview: PreviewCallback | None,
+        init_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.spec.is_inpaint and params.mask is None:
             raise ValueError(f"{self.spec.name} is an inpainting model: pass init_image and mask")
@@ -246,15 +336,43 @@ class StableDiffusion(AddOns):
                 f"({params.batch_size}, {', '.join(map(str, latent_shape[1:]))})"
             )
 
-        cond, uncond = self.encode_prompt(params.prompt, params.negative_prompt, params.clip_skip)
+        if (init_latents is None) != (params.denoising_start is None):
+            raise ValueError("denoising_start continues given latents: pass both it and init_latents, or neither")
+        if init_latents is not None and tuple(init_latents.shape) != (params.batch_size, *latent_shape[1:]):
+            raise ValueError(
+                f"init_latents have shape {tuple(init_latents.shape)}, expected "
+                f"({params.batch_size}, {', '.join(map(str, latent_shape[1:]))})"
+            )
+        conditioning = {}
+        if self.spec.is_sdxl:
+            c = self.encode_sdxl_prompt(params)
+            cond, uncond = c.context, c.uncond_context
+            ids, uncond_ids = self.sdxl_time_ids(params)
+            conditioning = {
+                "y": micro_conditioning(c.pooled, ids),
+                "uncond_y": micro_conditioning(c.uncond_pooled, uncond_ids),
+            }
+        else:
+            cond, uncond = self.encode_prompt(params.prompt, params.negative_prompt, params.clip_skip)
         plan = sampling_plan(params.sampler, self.noise_schedule(), params.steps, params.schedule)
         denoiser = Denoiser(
             self.unet, plan.schedule, self.spec.prediction_type, sigma_to_t=plan.sigma_to_t, net_dtype=self.dtype
         )
         guided = CFGDenoiser(denoiser, params.guidance_scale, params.guidance_rescale)
-        start = 0 if params.init_image is None else plan.start_index(params.strength)
-        sigmas = plan.sigmas[start:]
+        if params.denoising_start is not None:
+            start = plan.start_at(params.denoising_start)
+        else:
+            start = 0 if params.init_image is None else plan.start_index(params.strength)
+        end = plan.steps if params.denoising_end is None else plan.end_index(params.denoising_end)
+        sigmas = plan.sigmas[start : end + 1]
         steps = len(sigmas) - 1
+        if steps < 1:
+            raise ValueError(
+                f"denoising_start {params.denoising_start} / denoising_end {params.denoising_end} leave no step "
+                f"of {params.steps}"
+            )
+        # a run stopped early hands its latents on in diffusers' frame; a whole run ends as diffusers' does
+        out_scale = plan.output_scale if end == plan.steps else plan.handoff_scale(float(sigmas[-1]))
         total = steps * params.batch_size
         inputs = _Inputs(self, params, latent_shape)  # image, mask and their encodings: once per run
         together = self.batch_images if self.batch_images is not None else self.device.type == "cuda"
@@ -271,11 +389,13 @@ class StableDiffusion(AddOns):
                     latent_shape,
                     None if params.latents is None else params.latents[k : k + 1],
                     self.device,
+                    None if init_latents is None else init_latents[k : k + 1] / plan.handoff_scale(float(sigmas[0])),
                 )
                 for k, g in zip(group, generators, strict=True)
             ]
             n = len(group)
             extra = {"context": cond.expand(n, -1, -1), "uncond_context": uncond.expand(n, -1, -1)}
+            extra.update((k, v.expand(n, -1)) for k, v in conditioning.items())
             if starts[0].concat is not None:
                 extra["concat"] = torch.cat([s.concat for s in starts])
             blend = None
@@ -304,7 +424,7 @@ class StableDiffusion(AddOns):
             )
             if blend is not None:
                 x = blend.finalize(x, float(sigmas[-1]))
-            results.append((x * plan.output_scale).float())
+            results.append((x * out_scale).float())
         return torch.cat(results)
 
 
@@ -357,9 +477,13 @@ class _Start:
         latent_shape: tuple[int, ...],
         latents: torch.Tensor | None,
         device: torch.device,
+        handoff: torch.Tensor | None = None,
     ):
         self.image_latents = self.concat = None
         self.latent_mask = inputs.latent_mask
+        if handoff is not None:  # a base model's latents, continued as they are (diffusers draws nothing)
+            self.x = self.noise = handoff.float().to(device)
+            return
         if inputs.image_posterior is not None:
             self.image_latents = inputs.image_posterior.sample(generator).float()
         if latents is not None:

@@ -17,7 +17,7 @@ from stablediff.diffusion.schedules import ScheduleConfig
 from stablediff.errors import BadFileError, load_json
 from stablediff.limits import LIMITS, check_config, config_from_dict
 from stablediff.models.clip import CLIPTextConfig
-from stablediff.models.unet import UNetConfig
+from stablediff.models.unet import MICRO_CONDITIONING_DIM, UNetConfig
 from stablediff.models.vae import VAEConfig
 from stablediff.weights import convert
 
@@ -39,6 +39,9 @@ class ModelSpec:
     # pooled output conditions the U-Net too. None for SD 1.x/2.x.
     text_2: CLIPTextConfig | None = None
     pad_token_2: str = "!"  # the second tokenizer's padding (SDXL's tokenizer_2 pads with "!")
+    # SDXL base (diffusers' model_index.json flag): an empty negative prompt conditions on zeros
+    # rather than on the encoding of "".
+    force_zeros_for_empty_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -49,10 +52,41 @@ class ModelSpec:
         if self.unet.context_dim != width:
             both = "" if self.text_2 is None else f" ({self.text.width} + {self.text_2.width})"
             raise ValueError(f"UNet context_dim {self.unet.context_dim} != text width {width}{both}")
+        if self.is_sdxl and self.micro_conditioning_count not in (5, 6):
+            pooled = self.pooled_text.projection_dim or self.pooled_text.width
+            raise ValueError(
+                f"UNet adm_in_channels {self.unet.adm_in_channels} is not the pooled text width {pooled} plus 5 "
+                f"(refiner) or 6 (base) x {MICRO_CONDITIONING_DIM}"
+            )
 
     @property
     def is_inpaint(self) -> bool:
         return self.unet.in_channels == 2 * self.vae.z_channels + 1
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL U-Net (base or refiner): it takes the added conditioning `y`."""
+        return self.unet.adm_in_channels is not None
+
+    @property
+    def pooled_text(self) -> CLIPTextConfig:
+        """The tower whose pooled output goes into SDXL's `y`: the last one (bigG)."""
+        return self.text if self.text_2 is None else self.text_2
+
+    @property
+    def micro_conditioning_count(self) -> int:
+        """How many micro-conditioning numbers `y` holds after the pooled embedding (SDXL base: 6,
+        original size, crop and target size; the refiner: 5, the aesthetic score for the target
+        size); 0 for SD 1.x/2.x."""
+        if not self.is_sdxl:
+            return 0
+        pooled = self.pooled_text.projection_dim or self.pooled_text.width
+        return (self.unet.adm_in_channels - pooled) // MICRO_CONDITIONING_DIM
+
+    @property
+    def is_refiner(self) -> bool:
+        """SDXL's refiner kind: conditioned on an aesthetic score instead of the target size."""
+        return self.micro_conditioning_count == 5
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -153,6 +187,21 @@ TINY_SDXL_UNET = UNetConfig(
     adm_in_channels=32 + 6 * 256,
 )
 
+TINY_SDXL_REFINER_UNET = replace(
+    TINY_SDXL_UNET,
+    channel_mult=(1, 2, 4, 4),
+    transformer_depth_per_level=None,
+    context_dim=32,
+    adm_in_channels=32 + 5 * 256,
+)
+# SDXL's VAE is SD's architecture with its own latent scale; SDXL samples with Euler, "leading"
+# spacing (the scheduler_config.json of stable-diffusion-xl-base-1.0).
+_SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+_SDXL_SCHEDULE = ScheduleConfig(timestep_spacing="leading")
+_TINY_SDXL_VAE = replace(_TINY_VAE, scaling_factor=0.13025)
+# The refiner reads bigG alone: it is the spec's only text tower (`text`), tokenised with "!" padding.
+_REFINER = dict(text_format="openclip", pad_token="!", schedule=_SDXL_SCHEDULE)
+
 PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15"),
     "sd15-inpaint": ModelSpec("sd15-inpaint", unet=UNetConfig(in_channels=9)),
@@ -172,6 +221,37 @@ PRESETS: dict[str, ModelSpec] = {
         pad_token="!",
         prediction_type="v_prediction",
         default_size=64,
+    ),
+    "sdxl": ModelSpec(
+        "sdxl",
+        unet=SDXL_UNET,
+        vae=_SDXL_VAE,
+        text=SDXL_TEXT_L,
+        text_2=SDXL_TEXT_G,
+        schedule=_SDXL_SCHEDULE,
+        default_size=1024,
+        force_zeros_for_empty_prompt=True,
+    ),
+    "sdxl-refiner": ModelSpec(
+        "sdxl-refiner", unet=SDXL_REFINER_UNET, vae=_SDXL_VAE, text=SDXL_TEXT_G, default_size=1024, **_REFINER
+    ),
+    "tiny-sdxl": ModelSpec(
+        "tiny-sdxl",
+        unet=TINY_SDXL_UNET,
+        vae=_TINY_SDXL_VAE,
+        text=TINY_SDXL_TEXT_L,
+        text_2=TINY_SDXL_TEXT_G,
+        schedule=_SDXL_SCHEDULE,
+        default_size=64,
+        force_zeros_for_empty_prompt=True,
+    ),
+    "tiny-sdxl-refiner": ModelSpec(
+        "tiny-sdxl-refiner",
+        unet=TINY_SDXL_REFINER_UNET,
+        vae=_TINY_SDXL_VAE,
+        text=TINY_SDXL_TEXT_G,
+        default_size=64,
+        **_REFINER,
     ),
 }
 
@@ -243,14 +323,14 @@ def infer_unet_config(sd: dict[str, torch.Tensor], like: UNetConfig | None = Non
             depths[level] = _count(sd, f"input_blocks.{n}.1.transformer_blocks.", max_depth)
         per_level += 1
     res_blocks = res_blocks or per_level
+    to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    if to_k is None or to_k.ndim != 2:
+        raise ValueError("no cross-attention weights (keys ending 'attn2.to_k.weight', 2-D) found")
     depth = _count(sd, "middle_block.1.transformer_blocks.", max_depth)
     if not depth:
         raise ValueError("no middle-block transformer found (keys 'middle_block.1.transformer_blocks.N.')")
     per_level_depths = tuple(depths.get(i, 0) for i in range(len(mult)))
     adm = _shape(sd, "label_emb.0.0.weight", 2)[1] if "label_emb.0.0.weight" in sd else None
-    to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
-    if to_k is None or to_k.ndim != 2:
-        raise ValueError("no cross-attention weights (keys ending 'attn2.to_k.weight', 2-D) found")
     context = to_k.shape[1]
     linear = _weight(sd, "middle_block.1.proj_in.weight").ndim == 2
     shapes = dict(

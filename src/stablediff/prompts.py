@@ -350,6 +350,36 @@ def encode_sdxl_prompt(
     return SDXLConditioning(context, pooled, *encode_sdxl_chunks(*encoders, lists[2], lists[3], device))
 
 
+def encode_pooled_prompt(
+    tokenizer: Tokenizer,
+    encoder: PooledEncoder,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    force_zeros_for_empty_prompt: bool = False,
+    device: torch.device | str | None = None,
+) -> SDXLConditioning:
+    """SDXL refiner's conditioning: one text encoder (bigG) gives the context and the pooled
+    embedding, as diffusers' refiner reads ``prompt`` / ``negative_prompt`` with its only tokenizer.
+    Chunking, emphasis and the pooled first chunk as in ``encode_sdxl_chunks``."""
+    pooled: list[Tensor] = []
+
+    def encode(ids: Tensor) -> Tensor:
+        z, p = encoder(ids)
+        pooled.append(p)
+        return z
+
+    def conditioning(chunks: Sequence[Chunk]) -> tuple[Tensor, Tensor]:
+        pooled.clear()
+        return encode_chunks(encode, chunks, device), pooled[0]
+
+    cond, uncond = pad_chunks(tokenize_prompt(tokenizer, prompt), tokenize_prompt(tokenizer, negative_prompt))
+    context, pooled_cond = conditioning(cond)
+    if force_zeros_for_empty_prompt and negative_prompt == "":
+        return SDXLConditioning(context, pooled_cond, torch.zeros_like(context), torch.zeros_like(pooled_cond))
+    return SDXLConditioning(context, pooled_cond, *conditioning(uncond))
+
+
 def apply_weights(z: Tensor, weights: Sequence[float]) -> Tensor:
     """Emphasis as A1111 does it: ``z * w`` per token, then rescale so the mean over the whole
     ``[1, L, D]`` tensor is what it was (so emphasis changes direction, not overall magnitude).

@@ -1,39 +1,38 @@
-"""Tiled VAE decoding and encoding: large images in bounded memory (docs/memory.md).
+"""Tiled VAE decoding and encoding: large images in bounded memory, exactly (docs/memory.md).
 
 The memory of a VAE pass lies at image resolution: the decoder's up path holds 128-256 channels
 at full size (about 12 GB in float32 for a 2048x2048 image), the encoder's down path likewise.
-Only those parts are tiled. The decoder's stem (conv_in and the mid block, with its global
-self-attention) runs on the whole latent, which is small, and so does the encoder's head.
+Only those paths are tiled. The decoder's stem (conv_in and the mid block, whose self-attention
+sees everything) and the encoder's head run on the whole latent, which is small.
 
-Each tile is a core of the latent grid plus a halo of latent pixels on every side, as wide as
-the tiled part's receptive field (`decoder_reach`, `encoder_reach`), so that every convolution
-at the core sees what it sees untiled. GroupNorm is the one operation that looks at the whole
-image; with ``stats="global"`` (the default) the tiles run twice: a first pass accumulates each
-GroupNorm's per-group statistics over the tile cores (normalising with the tile's own statistics
-meanwhile), and the second normalises every tile with those whole-image statistics and pastes the
-cores. ``stats="tile"`` runs once with each tile's own statistics and blends the overlaps
-linearly: half the work, but the tiles' tones drift apart where the image is not uniform
-(docs/benchmarks.md has both errors).
+A path is cut into stages, one per resolution level (a decoder stage is the upsampler that
+feeds a level, then the level's res blocks; an encoder stage a level's res blocks, then its
+downsampler). Each stage reads a whole-image map and writes one, tile by tile: every tile is a
+core plus a halo as wide as the stage's receptive field, so every convolution at the core sees
+what it sees untiled, and the cores are pasted. What a tile cannot see is GroupNorm's statistics,
+which are the whole image's. They are gathered one GroupNorm at a time: a pass over the tiles
+runs each tile up to the first GroupNorm whose statistics are not known yet, accumulates that
+GroupNorm's per-group moments over the tile cores, and stops the tile there; after the pass those
+statistics are exact (every earlier GroupNorm having used exact ones). A stage with n GroupNorms
+takes n such shortening passes and a last, whole one that writes the output: about 3-4x the
+work of an untiled pass for SD's VAE, and the same result up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from stablediff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from stablediff.nn import GroupNorm32, group_norm_override
 
 TILING_MODES = ("auto", "always", "never")
-DEFAULT_TILE = 512  # pixels per side of a tile's core
-# One pass with each tile's own GroupNorm statistics, then passes with whole-image statistics
-# gathered in the pass before: within 2/255 of the untiled decode (docs/benchmarks.md).
-DEFAULT_PASSES = 4
+DEFAULT_TILE = 512  # image pixels per side of a tile's core
 
 
 # --- Deciding -------------------------------------------------------------------------------
@@ -77,7 +76,7 @@ def available_memory(device: torch.device | str) -> int | None:
 # workspace as large as its larger side besides its output; a ResnetBlock peaks at its input and
 # four maps of its width; an upsampler holds its input and three maps at 4x the pixels; a level's
 # input stays alive while the level runs (the caller still holds it); the mid block holds about
-# twelve latent-size maps (the fused attention kernels never hold the score matrix).
+# fourteen latent-size maps (the fused attention kernels never hold the score matrix).
 
 
 def _block(c_in: int, c_out: int, res: int) -> int:
@@ -114,28 +113,97 @@ def _down_path_elements(cfg: VAEConfig, h: int, w: int) -> int:
 
 
 def _mid_elements(cfg: VAEConfig, h: int, w: int) -> int:
-    return 12 * cfg.ch * cfg.ch_mult[-1] * h * w
+    return 14 * cfg.ch * cfg.ch_mult[-1] * h * w
 
 
-def _region(cfg: VAEConfig, h: int, w: int, tile: int | None, reach: int) -> tuple[int, int] | None:
-    """The largest tile region (latent pixels) of an h x w latent, or None when one tile is all."""
-    if tile is None or len(tile_grid(h, w, tile // cfg.downscale, 0)) == 1:
-        return None
-    side = tile // cfg.downscale + 2 * reach
-    return min(h, side), min(w, side)
+@dataclass(frozen=True)
+class _Plan:
+    """One stage in numbers. ``units``: pixels of its input and of its output map per pixel of
+    the grid its tiles are cut on (the coarser of the two): (1, 2) for a stage that upsamples,
+    (2, 1) for one that downsamples, (1, 1). ``reach``: grid pixels that a core pixel's result
+    depends on, on each side. ``blocks``: its res blocks' (in, out) channels; ``first``: it
+    starts with the encoder's conv_in; ``head``: it ends with the decoder's norm_out and conv_out."""
+
+    units: tuple[int, int]
+    c_in: int
+    c_out: int
+    reach: int
+    blocks: tuple[tuple[int, int], ...]
+    first: bool = False
+    head: bool = False
+
+    def working(self, cfg: VAEConfig, grid_pixels: int) -> int:
+        """Peak elements of one tile of ``grid_pixels`` (its halo included), as the layer walk
+        above counts them, plus the tile's input copied contiguous by the first convolution."""
+        fine = grid_pixels * max(self.units) ** 2  # pixels at the higher resolution of the two
+        peak = max(_block(a, b, fine) for a, b in self.blocks)
+        if self.units == (1, 2):
+            peak = max(peak, 13 * self.c_in * grid_pixels)  # upsampler: input, nearest 2x copy, conv + workspace
+        if self.units == (2, 1):
+            peak = max(peak, 3 * self.blocks[-1][1] * fine)  # downsampler: input, padded copy, conv
+        if self.first:
+            peak = max(peak, fine * (self.c_in + 2 * cfg.ch))
+        if self.head:
+            peak = max(peak, fine * (4 * self.blocks[-1][1] + self.c_out))
+        return peak + self.c_in * grid_pixels * self.units[0] ** 2
+
+
+def _decoder_plans(cfg: VAEConfig) -> list[_Plan]:
+    """The up path's stages, deepest first; 3x3 convolutions reach one pixel at their resolution."""
+    plans, c = [], cfg.ch * cfg.ch_mult[-1]
+    for k, i in enumerate(reversed(range(len(cfg.ch_mult)))):
+        out, up, head = cfg.ch * cfg.ch_mult[i], k > 0, i == 0
+        convs = 2 * (cfg.num_res_blocks + 1) + up + head
+        blocks = tuple((c if j == 0 else out, out) for j in range(cfg.num_res_blocks + 1))
+        units, reach = ((1, 2), math.ceil(convs / 2)) if up else ((1, 1), convs)
+        plans.append(_Plan(units, c, cfg.out_channels if head else out, reach, blocks, head=head))
+        c = out
+    return plans
+
+
+def _encoder_plans(cfg: VAEConfig) -> list[_Plan]:
+    """The down path's stages; the stride-2 downsampler reaches two pixels (its padding is one-sided)."""
+    plans, c = [], cfg.ch
+    for i, mult in enumerate(cfg.ch_mult):
+        out, down, first = cfg.ch * mult, i < len(cfg.ch_mult) - 1, i == 0
+        convs = first + 2 * cfg.num_res_blocks + 2 * down
+        blocks = tuple((c if j == 0 else out, out) for j in range(cfg.num_res_blocks))
+        units, reach = ((2, 1), math.ceil(convs / 2)) if down else ((1, 1), convs)
+        plans.append(_Plan(units, cfg.in_channels if first else c, out, reach, blocks, first=first))
+        c = out
+    return plans
+
+
+def _tiled_elements(cfg: VAEConfig, plans: list[_Plan], height: int, width: int, tile: int) -> int:
+    """Peak elements of running ``plans`` tiled over an image of height x width: each stage
+    holds its whole input and output maps and one tile's working set."""
+    peak = 0
+    map_h, map_w = (height, width) if plans[0].first else (height // cfg.downscale, width // cfg.downscale)
+    for plan in plans:
+        u_in, u_out = plan.units
+        grid_h, grid_w = map_h // u_in, map_w // u_in
+        core = max(1, tile * grid_h // height)  # the tile's side in grid pixels
+        region = min(grid_h, core + 2 * plan.reach) * min(grid_w, core + 2 * plan.reach)
+        whole = plan.c_in * map_h * map_w + plan.c_out * grid_h * grid_w * u_out**2
+        peak = max(peak, whole + plan.working(cfg, region))
+        map_h, map_w = grid_h * u_out, grid_w * u_out
+    return peak
+
+
+def _one_tile(cfg: VAEConfig, height: int, width: int, tile: int | None) -> bool:
+    h, w = height // cfg.downscale, width // cfg.downscale
+    return tile is None or len(tile_grid(h, w, max(1, tile // cfg.downscale), 0)) == 1
 
 
 def decode_bytes(cfg: VAEConfig, height: int, width: int, itemsize: int = 4, tile: int | None = None) -> int:
     """Estimated peak activation bytes (weights excluded) of decoding one height x width image,
     untiled or with cores of ``tile`` pixels."""
     h, w = height // cfg.downscale, width // cfg.downscale
-    image = 4 * cfg.out_channels * height * width  # the float32 result
-    region = _region(cfg, h, w, tile, decoder_reach(cfg))
-    if region is None:
+    image = 4 * cfg.out_channels * height * width  # the float32 copy the pipeline makes
+    if _one_tile(cfg, height, width, tile):
         return itemsize * max(_mid_elements(cfg, h, w), _up_path_elements(cfg, h, w)) + image
-    stem = cfg.ch * cfg.ch_mult[-1]  # channels of the stem's output, kept whole while the tiles run
-    tiles = _up_path_elements(cfg, *region) + stem * region[0] * region[1]  # + the tile's slice
-    return itemsize * max(_mid_elements(cfg, h, w), stem * h * w + tiles) + 2 * image
+    tiled = _tiled_elements(cfg, _decoder_plans(cfg), height, width, tile)
+    return itemsize * max(_mid_elements(cfg, h, w), tiled) + image
 
 
 def encode_bytes(cfg: VAEConfig, height: int, width: int, itemsize: int = 4, tile: int | None = None) -> int:
@@ -143,48 +211,20 @@ def encode_bytes(cfg: VAEConfig, height: int, width: int, itemsize: int = 4, til
     untiled or with cores of ``tile`` pixels."""
     h, w = height // cfg.downscale, width // cfg.downscale
     image = itemsize * cfg.in_channels * height * width
-    region = _region(cfg, h, w, tile, encoder_reach(cfg))
-    if region is None:
+    if _one_tile(cfg, height, width, tile):
         return itemsize * max(_mid_elements(cfg, h, w), _down_path_elements(cfg, h, w)) + image
-    features = 4 * cfg.ch * cfg.ch_mult[-1] * h * w  # the down path's float32 output, assembled
-    tiles = itemsize * _down_path_elements(cfg, *region)
-    return max(itemsize * _mid_elements(cfg, h, w), tiles) + features + 2 * image
+    features = cfg.ch * cfg.ch_mult[-1] * h * w  # the down path's output, kept for the head
+    tiled = _tiled_elements(cfg, _encoder_plans(cfg), height, width, tile)
+    return itemsize * max(_mid_elements(cfg, h, w) + features, tiled) + image
 
 
 # --- Tiles ----------------------------------------------------------------------------------
 
 
-def decoder_reach(cfg: VAEConfig) -> int:
-    """Latent pixels that a pixel of the decoder's up path sees on each side (its receptive
-    field): two 3x3 convolutions per res block, one per upsampler and conv_out, each reaching one
-    pixel at its own resolution. 13 for SD's VAE."""
-    reach, scale = 0.0, 1
-    for i in reversed(range(len(cfg.ch_mult))):
-        reach += 2 * (cfg.num_res_blocks + 1) / scale
-        if i:
-            scale *= 2
-            reach += 1 / scale
-    return math.ceil(reach + 1 / scale)
-
-
-def encoder_reach(cfg: VAEConfig) -> int:
-    """Latent pixels that a latent pixel of the encoder's down path sees on each side: conv_in,
-    two convolutions per res block, and the stride-2 downsamplers, which reach two pixels. 10 for
-    SD's VAE."""
-    scale = cfg.downscale
-    reach = 1 / scale
-    for i in range(len(cfg.ch_mult)):
-        reach += 2 * cfg.num_res_blocks / scale
-        if i < len(cfg.ch_mult) - 1:
-            reach += 2 / scale
-            scale //= 2
-    return math.ceil(reach)
-
-
 @dataclass(frozen=True)
 class Tile:
-    """One tile in latent pixels: its core (the tiles' cores partition the latent) and the region
-    it computes, the core widened by the halo and clipped to the latent."""
+    """One tile in grid pixels: its core (the tiles' cores partition the grid) and the region it
+    computes, the core widened by the halo and clipped to the grid."""
 
     core: tuple[int, int, int, int]  # top, bottom, left, right
     region: tuple[int, int, int, int]
@@ -197,9 +237,9 @@ def _spans(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def tile_grid(h: int, w: int, tile: int, halo: int) -> list[Tile]:
-    """Tiles of at most ``tile`` latent pixels per core side over an h x w latent."""
+    """Tiles of at most ``tile`` pixels per core side over an h x w grid."""
     if tile < 1:
-        raise ValueError(f"the tile size must be at least one latent pixel, got {tile}")
+        raise ValueError(f"the tile size must be at least one pixel, got {tile}")
     return [
         Tile((r0, r1, c0, c1), (max(0, r0 - halo), min(h, r1 + halo), max(0, c0 - halo), min(w, c1 + halo)))
         for r0, r1 in _spans(h, tile)
@@ -207,196 +247,136 @@ def tile_grid(h: int, w: int, tile: int, halo: int) -> list[Tile]:
     ]
 
 
-def _ramp(start: int, stop: int, core: tuple[int, int], n: int, margin: int, unit: int) -> torch.Tensor:
-    """Blending weights along one axis over output pixels [start, stop): 1 on the core, falling
-    linearly to 0 across the 2 * margin latent pixels shared with each neighbour, so that the
-    weights of overlapping tiles sum to one."""
-    p = torch.arange(start, stop, dtype=torch.float32) + 0.5
-    width = 2 * margin * unit
-    w = torch.ones(stop - start)
-    if core[0] > 0:
-        w = w * ((p - (core[0] - margin) * unit) / width).clamp(0, 1)
-    if core[1] < n:
-        w = w * (((core[1] + margin) * unit - p) / width).clamp(0, 1)
-    return w
+class _Gathered(Exception):
+    """Stops a tile once it has given the statistics its pass gathers."""
 
 
-class _WholeImageStats:
-    """GroupNorm statistics of the whole image, accumulated over the tile cores (per module,
-    sample and group: count, mean, sum of squared deviations; merged in float64 with Chan et
-    al.'s pairwise update) while the tiles are normalised with `using`: each tile's own statistics
-    while it is None, else those of an earlier pass. Installed with `group_norm_override`."""
+class _Statistics:
+    """The whole image's GroupNorm statistics, learnt one GroupNorm per pass (installed with
+    `group_norm_override`). A GroupNorm with known statistics normalises with them; the first
+    without accumulates its per-(sample, group) moments over the tile's core (merged in float64
+    with Chan et al.'s pairwise update) and stops the tile."""
 
     def __init__(self):
-        self.moments: dict[GroupNorm32, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self.using: dict[GroupNorm32, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.collect = True
-        self.core: tuple[int, int, int, int] = (0, 0, 0, 0)  # the tile's core within its region
-        self.region_rows = 1  # the region's height in latent pixels
-
-    def next_pass(self) -> None:
-        """From now on normalise with the statistics collected so far, and collect afresh."""
-        if self.moments:
-            self.using = {norm: (mean, m2 / n) for norm, (n, mean, m2) in self.moments.items()}
-        self.moments = {}
+        self.known: dict[GroupNorm32, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gathering: tuple[GroupNorm32, int, torch.Tensor, torch.Tensor] | None = None
+        self.core = (0, 0, 0, 0)  # the tile's core within its region, in grid pixels
+        self.region_rows = 1
 
     def __call__(self, norm: GroupNorm32, x: torch.Tensor) -> torch.Tensor:
-        if self.collect:
-            self._add(norm, x)
-        return norm.normalize(x) if self.using is None else norm.normalize(x, *self.using[norm])
-
-    def _add(self, norm: GroupNorm32, x: torch.Tensor) -> None:
-        s = x.shape[-2] // self.region_rows  # this map's pixels per latent pixel
+        if norm in self.known:
+            return norm.normalize(x, *self.known[norm])
+        s = x.shape[-2] // self.region_rows  # this map's pixels per grid pixel
         r0, r1, c0, c1 = (v * s for v in self.core)
-        core = x[..., r0:r1, c0:c1].unflatten(1, (norm.num_groups, -1))  # a view: no copy in float32
-        var, mean = torch.var_mean(core if core.dtype == torch.float32 else core.float(), dim=(2, 3, 4), correction=0)
-        n_b = core[0, 0].numel()
-        mean_b, m2_b = mean.double(), var.double() * n_b
-        if norm in self.moments:
-            n_a, mean_a, m2_a = self.moments[norm]
-            delta, n = mean_b - mean_a, n_a + n_b
-            self.moments[norm] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta**2 * n_a * n_b / n)
+        core = x[..., r0:r1, c0:c1].unflatten(1, (norm.num_groups, -1)).float()  # a view in float32
+        var, mean = torch.var_mean(core, dim=(2, 3, 4), correction=0)
+        n_b, mean_b = core[0, 0].numel(), mean.double()
+        m2_b = var.double() * n_b
+        if self.gathering is None:
+            self.gathering = (norm, n_b, mean_b, m2_b)
         else:
-            self.moments[norm] = (n_b, mean_b, m2_b)
+            _, n_a, mean_a, m2_a = self.gathering
+            delta, n = mean_b - mean_a, n_a + n_b
+            self.gathering = (norm, n, mean_a + delta * n_b / n, m2_a + m2_b + delta**2 * n_a * n_b / n)
+        raise _Gathered
+
+    def settle(self) -> bool:
+        """After a pass: make what it gathered known; False when it gathered nothing (it ran whole)."""
+        if self.gathering is None:
+            return False
+        norm, n, mean, m2 = self.gathering
+        self.known[norm], self.gathering = (mean, m2 / n), None
+        return True
 
 
-def _tile_passes(
-    stage: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    tiles: list[Tile],
-    units: tuple[int, int],
-    passes: int,
-    margin: int,
-) -> Iterator[torch.Tensor]:
-    """``stage`` over every tile of ``x``, ``passes`` times, yielding the assembled result after
-    each pass. ``units``: pixels per latent pixel of ``stage``'s input and output; ``margin``:
-    latent pixels blended beyond each core (0: cores pasted)."""
-    if passes < 1:
-        raise ValueError(f"tiling needs at least one pass, got {passes}")
-    u_in, u_out = units
+def _run_stage(stage: Callable[[torch.Tensor], torch.Tensor], plan: _Plan, x: torch.Tensor, tile: int):
+    """``stage`` over the whole map ``x``, tile by tile (``tile`` grid pixels per core side),
+    equal to ``stage(x)`` up to float rounding: passes gather the GroupNorm statistics one by one,
+    the last writes the output."""
+    u_in, u_out = plan.units
     h, w = x.shape[-2] // u_in, x.shape[-1] // u_in
-    whole = _WholeImageStats()
-    for i in range(passes):
-        whole.collect = i < passes - 1
-        out = torch.zeros(0)
-        weight = torch.zeros(h * u_out, w * u_out, device=x.device)
-        # The override holds only while the tiles run: never across a yield, into the caller's code.
-        with group_norm_override(whole):
-            for tile in tiles:
-                (t0, t1, l0, l1), (r0, r1, c0, c1) = tile.region, tile.core
-                whole.core, whole.region_rows = (r0 - t0, r1 - t0, c0 - l0, c1 - l0), t1 - t0
-                y = stage(x[..., t0 * u_in : t1 * u_in, l0 * u_in : l1 * u_in])
-                if not out.numel():
-                    out = torch.zeros(*y.shape[:2], *weight.shape, dtype=torch.float32, device=x.device)
-                # The output span: the core and `margin` latent pixels around it (within the region).
-                top, bottom = max(0, r0 - margin), min(h, r1 + margin)
-                left, right = max(0, c0 - margin), min(w, c1 + margin)
-                ramp = _ramp(top * u_out, bottom * u_out, (r0, r1), h, margin, u_out)[:, None]
-                ramp = ramp * _ramp(left * u_out, right * u_out, (c0, c1), w, margin, u_out)[None, :]
-                ramp = ramp.to(x.device)
-                rows, cols = slice(top * u_out, bottom * u_out), slice(left * u_out, right * u_out)
-                mine = (
-                    slice((top - t0) * u_out, (bottom - t0) * u_out),
-                    slice((left - l0) * u_out, (right - l0) * u_out),
-                )
-                out[..., rows, cols] += y[..., mine[0], mine[1]].float() * ramp
-                weight[rows, cols] += ramp
+    tiles = tile_grid(h, w, tile, plan.reach)
+    if len(tiles) == 1:
+        return stage(x)
+    stats, out = _Statistics(), None
+    while True:
+        with group_norm_override(stats):
+            for tile_ in tiles:
+                (t0, t1, l0, l1), (r0, r1, c0, c1) = tile_.region, tile_.core
+                stats.core, stats.region_rows = (r0 - t0, r1 - t0, c0 - l0, c1 - l0), t1 - t0
+                try:
+                    y = stage(x[..., t0 * u_in : t1 * u_in, l0 * u_in : l1 * u_in])
+                except _Gathered:
+                    continue
+                if out is None:
+                    out = y.new_empty(*y.shape[:2], h * u_out, w * u_out)
+                rows, cols = slice((r0 - t0) * u_out, (r1 - t0) * u_out), slice((c0 - l0) * u_out, (c1 - l0) * u_out)
+                out[..., r0 * u_out : r1 * u_out, c0 * u_out : c1 * u_out] = y[..., rows, cols]
                 del y  # before the next tile runs
-        yield (out / weight).to(x.dtype)
-        whole.next_pass()
+        if not stats.settle():
+            return out
+
+
+def _chain(*steps: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return run
+
+
+def _decoder_stages(vae: AutoencoderKL) -> list[tuple[Callable, _Plan]]:
+    """The up path as `up_path` runs it, regrouped: the upsampler that ends a level starts the next stage."""
+    decoder, levels = vae.decoder, list(reversed(vae.decoder.up))
+    stages = []
+    for k, (level, plan) in enumerate(zip(levels, _decoder_plans(vae.config), strict=True)):
+        before = [getattr(levels[k - 1], levels[k - 1].resample_name)] if k else []
+        after = [decoder.norm_out, F.silu, decoder.conv_out] if plan.head else []
+        stages.append((_chain(*before, *level.block, *after), plan))
+    return stages
+
+
+def _encoder_stages(vae: AutoencoderKL) -> list[tuple[Callable, _Plan]]:
+    """The down path as `down_path` runs it: conv_in, then one stage per level."""
+    encoder = vae.encoder
+    plans = _encoder_plans(vae.config)
+    return [
+        (_chain(*([encoder.conv_in] if i == 0 else []), level), plan)
+        for i, (level, plan) in enumerate(zip(encoder.down, plans, strict=True))
+    ]
+
+
+def _run_path(stages: Sequence[tuple[Callable, _Plan]], x: torch.Tensor, image_rows: int, tile: int) -> torch.Tensor:
+    for stage, plan in stages:
+        grid_rows = x.shape[-2] // plan.units[0]
+        x = _run_stage(stage, plan, x, max(1, tile * grid_rows // image_rows))
+    return x
 
 
 # --- Decoding and encoding ------------------------------------------------------------------
 
 
-def _settings(passes: int, halo: int, margin: int | None) -> int:
-    """The blending margin: by default none once whole-image statistics make the cores agree,
-    the whole halo when each tile keeps its own (one pass)."""
-    return (halo if passes == 1 else 0) if margin is None else min(margin, halo)
-
-
 @torch.no_grad()
-def decode_passes(
-    vae: AutoencoderKL,
-    latents: torch.Tensor,
-    tile: int = DEFAULT_TILE,
-    halo: int | None = None,
-    passes: int = DEFAULT_PASSES,
-    margin: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """The images of `decode_tiled` after each pass (for measuring how they converge)."""
-    f = vae.config.downscale
-    halo = decoder_reach(vae.config) if halo is None else halo
-    tiles = tile_grid(latents.shape[-2], latents.shape[-1], max(1, tile // f), halo)
-    if len(tiles) == 1:
-        yield vae.decode(latents)
-        return
-    stem = vae.decoder.stem(vae.post_quant_conv(latents / vae.config.scaling_factor))
-    yield from _tile_passes(vae.decoder.up_path, stem, tiles, (1, f), passes, _settings(passes, halo, margin))
-
-
-def decode_tiled(
-    vae: AutoencoderKL,
-    latents: torch.Tensor,
-    tile: int = DEFAULT_TILE,
-    halo: int | None = None,
-    passes: int = DEFAULT_PASSES,
-    margin: int | None = None,
-) -> torch.Tensor:
-    """`vae.decode(latents)` tile by tile: scaled latents [B, z, h, w] -> images [B, 3, fh, fw].
-
-    ``tile``: pixels per side of a tile's core (a multiple of the VAE's downscale); ``halo``:
-    latent pixels around each core (default: the up path's receptive field, which makes the
-    convolutions exact); ``passes``: 1 normalises each tile with its own statistics and blends
-    the overlaps; each further pass normalises with the whole-image statistics gathered in the
-    pass before, which converge to the untiled ones (docs/benchmarks.md); ``margin``: latent
-    pixels blended beyond each core (default: the halo with one pass, none after). A latent that
+def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, tile: int = DEFAULT_TILE) -> torch.Tensor:
+    """`vae.decode(latents)` tile by tile, equal up to float rounding: scaled latents [B, z, h, w]
+    -> images [B, 3, fh, fw]. ``tile``: image pixels per side of a tile's core. A latent that
     fits in one tile is decoded whole."""
-    return deque(decode_passes(vae, latents, tile, halo, passes, margin), maxlen=1).pop()  # the last pass's
+    f = vae.config.downscale
+    if _one_tile(vae.config, latents.shape[-2] * f, latents.shape[-1] * f, tile):
+        return vae.decode(latents)
+    stem = vae.decoder.stem(vae.post_quant_conv(latents / vae.config.scaling_factor))
+    return _run_path(_decoder_stages(vae), stem, latents.shape[-2] * f, tile)
 
 
 @torch.no_grad()
-def _encoder_features(vae: AutoencoderKL, images: torch.Tensor, tile: int, halo: int | None, passes: int, margin):
-    """The down path's output over the whole latent after each pass (whole at once if one tile)."""
+def encode_tiled(vae: AutoencoderKL, images: torch.Tensor, tile: int = DEFAULT_TILE) -> DiagonalGaussian:
+    """`vae.encode(images)` tile by tile, equal up to float rounding: the down path tiled, the mid
+    block and the rest on the whole latent. ``tile`` as for `decode_tiled`."""
     f = vae.config.downscale
     if images.shape[-1] % f or images.shape[-2] % f:
         raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {f}")
-    halo = encoder_reach(vae.config) if halo is None else halo
-    tiles = tile_grid(images.shape[-2] // f, images.shape[-1] // f, max(1, tile // f), halo)
-    if len(tiles) == 1:
-        yield vae.encoder.down_path(images)
-        return
-    margin = _settings(passes, halo, margin)
-    yield from _tile_passes(vae.encoder.down_path, images, tiles, (f, 1), passes, margin)
-
-
-@torch.no_grad()
-def _posterior(vae: AutoencoderKL, features: torch.Tensor) -> DiagonalGaussian:
+    if _one_tile(vae.config, images.shape[-2], images.shape[-1], tile):
+        return vae.encode(images)
+    features = _run_path(_encoder_stages(vae), images, images.shape[-2], tile)
     return DiagonalGaussian(vae.quant_conv(vae.encoder.head(features)), vae.config.scaling_factor)
-
-
-def encode_passes(
-    vae: AutoencoderKL,
-    images: torch.Tensor,
-    tile: int = DEFAULT_TILE,
-    halo: int | None = None,
-    passes: int = DEFAULT_PASSES,
-    margin: int | None = None,
-) -> Iterator[DiagonalGaussian]:
-    """The posteriors of `encode_tiled` after each pass (for measuring how they converge)."""
-    for features in _encoder_features(vae, images, tile, halo, passes, margin):
-        yield _posterior(vae, features)
-
-
-def encode_tiled(
-    vae: AutoencoderKL,
-    images: torch.Tensor,
-    tile: int = DEFAULT_TILE,
-    halo: int | None = None,
-    passes: int = DEFAULT_PASSES,
-    margin: int | None = None,
-) -> DiagonalGaussian:
-    """`vae.encode(images)` tile by tile: the down path tiled (``halo`` defaults to its receptive
-    field), the mid block and the rest on the whole latent; the options as for `decode_tiled`."""
-    features = _encoder_features(vae, images, tile, halo, passes, margin)
-    return _posterior(vae, deque(features, maxlen=1).pop())

@@ -109,7 +109,7 @@ SCALINGS: dict[str, type[_Scaling]] = {"eps": EpsScaling, "v": VScaling, "x0": X
 class Denoiser:
     """Discrete-time network -> denoiser ``D(x, sigma, context=None, concat=None) -> x0``.
 
-    ``net(x_t, t, context, concat=None)``: ``x_t`` [B, C, H, W] in the VP frame, ``t`` float32 [B] in
+    ``net(x_t, t, context, concat=None[, y=y])``: ``x_t`` [B, C, H, W] in the VP frame, ``t`` float32 [B] in
     [0, T-1]. ``sigma_to_t`` decides the timestep fed for a noise level: by default the schedule's
     log-sigma interpolation (fractional t, as k-diffusion); a ``SamplingPlan.sigma_to_t`` reproduces
     exactly the timesteps the matching diffusers scheduler passes (see ``samplers.plan``).
@@ -133,21 +133,38 @@ class Denoiser:
         self.net_dtype = net_dtype
 
     def model_output(
-        self, x: Tensor, sigma: Tensor, context: Tensor | None = None, concat: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        context: Tensor | None = None,
+        concat: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         """The raw network prediction (eps, v or x0) for VE input ``x`` at noise level ``sigma``."""
-        return self._net_output(x, self.scaling(sigma), context, concat)
+        return self._net_output(x, self.scaling(sigma), context, concat, y)
 
     def output_to_x0(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
         """Combine a raw prediction with the input: ``c_skip * x + c_out * out``."""
         return self._combine(out, x, self.scaling(sigma))
 
-    def __call__(self, x: Tensor, sigma: Tensor, context: Tensor | None = None, concat: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        context: Tensor | None = None,
+        concat: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
         scalings = self.scaling(sigma)
-        return self._combine(self._net_output(x, scalings, context, concat), x, scalings)
+        return self._combine(self._net_output(x, scalings, context, concat, y), x, scalings)
 
     def _net_output(
-        self, x: Tensor, scalings: tuple[Tensor, ...], context: Tensor | None, concat: Tensor | None
+        self,
+        x: Tensor,
+        scalings: tuple[Tensor, ...],
+        context: Tensor | None,
+        concat: Tensor | None,
+        y: Tensor | None = None,
     ) -> Tensor:
         _, _, c_in, c_noise = scalings
         x_in = x * expand_like(c_in, x).to(x.dtype)
@@ -155,7 +172,10 @@ class Denoiser:
             x_in = x_in.to(self.net_dtype)
             concat = concat.to(self.net_dtype) if concat is not None else None
             context = context.to(self.net_dtype) if context is not None else None
-        return self.net(x_in, c_noise, context, concat=concat).to(x.dtype)
+            y = y.to(self.net_dtype) if y is not None else None
+        # `y` (SDXL's added conditioning) only when there is one: SD 1.x/2.x networks need not take it
+        extra = {} if y is None else {"y": y}
+        return self.net(x_in, c_noise, context, concat=concat, **extra).to(x.dtype)
 
     @staticmethod
     def _combine(out: Tensor, x: Tensor, scalings: tuple[Tensor, ...]) -> Tensor:

@@ -37,11 +37,13 @@ def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022) around a denoiser, one batched call per step.
 
-    ``D(x, sigma, context=c, uncond_context=u, concat=None)``. The unconditional and conditional
-    halves run as one batch ``[uncond, cond]`` (diffusers' order); contexts of different length run
-    as two calls. When the wrapped object is a ``Denoiser``, guidance (and the rescale) is applied to
-    the raw network output (eps or v) exactly as diffusers does, then turned into x0; any other
-    denoiser is guided in x0 space (identical without rescale, since x0 is affine in eps).
+    ``D(x, sigma, context=c, uncond_context=u, concat=None, y=None, uncond_y=None)``. The
+    unconditional and conditional halves run as one batch ``[uncond, cond]`` (diffusers' order);
+    contexts of different length run as two calls. ``y`` / ``uncond_y`` (SDXL's added
+    conditioning) pair up like the contexts. When the wrapped object is a ``Denoiser``, guidance
+    (and the rescale) is applied to the raw network output (eps or v) exactly as diffusers does,
+    then turned into x0; any other denoiser is guided in x0 space (identical without rescale,
+    since x0 is affine in eps).
     Like diffusers, ``scale <= 1`` disables guidance: only the conditional branch runs.
     """
 
@@ -59,19 +61,25 @@ class CFGDenoiser:
         context: Tensor | None = None,
         uncond_context: Tensor | None = None,
         concat: Tensor | None = None,
+        y: Tensor | None = None,
+        uncond_y: Tensor | None = None,
     ) -> Tensor:
+        # `y` is passed only when given, so denoisers without SDXL conditioning need not take it
+        cond = {} if y is None else {"y": y}
+        uncond = {} if y is None else {"y": uncond_y if uncond_y is not None else y}
         if self.scale <= 1.0 or uncond_context is None:
-            return self.denoiser(x, sigma, context=context, concat=concat)
+            return self.denoiser(x, sigma, context=context, concat=concat, **cond)
         raw = isinstance(self.denoiser, Denoiser)
         fn = self.denoiser.model_output if raw else self.denoiser
         if context is None or uncond_context.shape == context.shape:
             both = torch.cat([uncond_context, context]) if context is not None else None
             concat2 = torch.cat([concat, concat]) if concat is not None else None
-            out = fn(torch.cat([x, x]), torch.cat([sigma, sigma]), context=both, concat=concat2)
+            y2 = {} if y is None else {"y": torch.cat([uncond["y"], y])}
+            out = fn(torch.cat([x, x]), torch.cat([sigma, sigma]), context=both, concat=concat2, **y2)
             out_uncond, out_cond = out.chunk(2)
         else:
-            out_uncond = fn(x, sigma, context=uncond_context, concat=concat)
-            out_cond = fn(x, sigma, context=context, concat=concat)
+            out_uncond = fn(x, sigma, context=uncond_context, concat=concat, **uncond)
+            out_cond = fn(x, sigma, context=context, concat=concat, **cond)
         guided = out_uncond + self.scale * (out_cond - out_uncond)
         if self.rescale > 0:
             guided = rescale_guidance(guided, out_cond, self.rescale)

@@ -145,6 +145,27 @@ class SamplingPlan:
             return LCMBoundary(denoiser, self.sigma_to_t)
         return denoiser
 
+    def end_index(self, denoising_end: float) -> int:
+        """The steps run before a hand-off at ``denoising_end`` (a fraction of the training
+        timesteps), as diffusers' SDXL pipeline: those whose timestep is at or above
+        ``round(T - denoising_end * T)``; the sampler then runs on ``sigmas[: end + 1]``."""
+        return int((self.timesteps >= self._cutoff(denoising_end)).sum())
+
+    def start_at(self, denoising_start: float) -> int:
+        """Index into ``sigmas`` where a refiner takes over at ``denoising_start``, as diffusers'
+        SDXL img2img ``get_timesteps``: the steps whose timestep is below the cutoff remain."""
+        return self.steps - int((self.timesteps < self._cutoff(denoising_start)).sum())
+
+    def _cutoff(self, fraction: float) -> int:
+        T = self.schedule.config.num_train_timesteps
+        return int(round(T - fraction * T))
+
+    def handoff_scale(self, sigma: float) -> float:
+        """Factor from our VE latent at ``sigma`` to the latent diffusers' scheduler holds there:
+        1 / sqrt(1 + sigma^2) for the schedulers that work on VP latents (DDIM, DPM-Solver, UniPC,
+        ...), 1 for the Euler family. A base model hands its latents to a refiner in that frame."""
+        return 1.0 / math.sqrt(1.0 + sigma**2) if CONVENTIONS[self.sampler].frame == "vp" else 1.0
+
     def start_index(self, strength: float) -> int:
         """img2img: index into ``sigmas`` to start from, as diffusers' ``get_timesteps``."""
         return img2img_start_index(self.steps, strength)
