@@ -372,6 +372,7 @@ def test_fuzz_safetensors(tmp_path):
 # --- model spec JSON ------------------------------------------------------------------------------
 _LEGACY = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
 _NESTED = {"unet": UNetConfig, "vae": VAEConfig, "text": CLIPTextConfig, "schedule": ScheduleConfig}
+_OPTIONAL_NESTED = {"text_2": CLIPTextConfig}  # SDXL's second text encoder, None for other models
 
 
 def _same_value(loaded, raw, annotation: str) -> bool:
@@ -400,7 +401,7 @@ def _check_record(obj, raw: dict, where: str) -> None:
     assert set(raw) <= set(known), f"{where}: loaded with unknown keys {sorted(set(raw) - set(known))}"
     for name, f in known.items():
         loaded = getattr(obj, name)
-        if name in _NESTED:
+        if name in _NESTED or name in _OPTIONAL_NESTED:
             continue
         if name in raw:
             assert _same_value(loaded, raw[name], f.type), f"{where}.{name}: loaded {loaded!r} from {raw[name]!r}"
@@ -415,6 +416,12 @@ def check_spec(spec: ModelSpec, text: str) -> None:
     data.setdefault("schedule", legacy)
     for name in _NESTED:
         _check_record(getattr(spec, name), data.pop(name), name)
+    for name in _OPTIONAL_NESTED:
+        raw = data.pop(name, None)
+        if raw is None:
+            assert getattr(spec, name) is None, f"{name}: loaded {getattr(spec, name)!r} from nothing"
+        else:
+            _check_record(getattr(spec, name), raw, name)
     _check_record(spec, data, "spec")
 
 

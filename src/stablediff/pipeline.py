@@ -94,7 +94,7 @@ class StableDiffusion(AddOns):
     # VAE tiling (stablediff.tiling, docs/memory.md): "auto" tiles a decode or encode whose estimated
     # peak exceeds `vae_memory_budget` bytes (None: the memory available on the device at the time);
     # "always" and "never" force the choice. `vae_tile_size`: pixels per side of a tile's core.
-    # Tiled passes equal untiled ones up to float rounding, at 3-4x the work.
+    # Tiled passes equal untiled ones up to float rounding, in about 2.5-3x the time.
     vae_tiling: str = field(default="auto")
     vae_tile_size: int = field(default=DEFAULT_TILE)
     vae_memory_budget: int | None = field(default=None)

@@ -14,8 +14,8 @@ which are the whole image's. They are gathered one GroupNorm at a time: a pass o
 runs each tile up to the first GroupNorm whose statistics are not known yet, accumulates that
 GroupNorm's per-group moments over the tile cores, and stops the tile there; after the pass those
 statistics are exact (every earlier GroupNorm having used exact ones). A stage with n GroupNorms
-takes n such shortening passes and a last, whole one that writes the output: about 3-4x the
-work of an untiled pass for SD's VAE, and the same result up to float rounding.
+takes n such shortened passes and a last, whole one that writes the output: about 2.5-3x the
+time of an untiled pass for SD's VAE, and the same result up to float rounding.
 """
 
 from __future__ import annotations
