@@ -102,6 +102,13 @@ class StableDiffusion(AddOns):
     # "decode", both, or nothing.
     last_fallback: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Convolutions run in channels-last layout (oneDNN's and cuDNN's native one): the feature
+        # maps then need no reordering around each convolution, and the U-Net's transformers see
+        # their [B, HW, C] sequences without a copy. Same values, different strides.
+        for net in (self.unet, self.vae):
+            net.to(memory_format=torch.channels_last)
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -71,7 +71,13 @@ class CFGDenoiser:
             return self.denoiser(x, sigma, context=context, concat=concat, **cond)
         raw = isinstance(self.denoiser, Denoiser)
         fn = self.denoiser.model_output if raw else self.denoiser
-        if context is None or uncond_context.shape == context.shape:
+        if context is not None and uncond_context.shape == context.shape and raw and self._shares_input():
+            # One latent for both contexts: the network runs its layers before the first
+            # cross-attention once (UNetModel's shared input), and the rest as a batch of two.
+            y2 = {} if y is None else {"y": torch.cat([uncond["y"], y])}
+            out = fn(x, sigma, context=torch.cat([uncond_context, context]), concat=concat, **y2)
+            out_uncond, out_cond = out.chunk(2)
+        elif context is None or uncond_context.shape == context.shape:
             both = torch.cat([uncond_context, context]) if context is not None else None
             concat2 = torch.cat([concat, concat]) if concat is not None else None
             y2 = {} if y is None else {"y": torch.cat([uncond["y"], y])}
@@ -84,6 +90,11 @@ class CFGDenoiser:
         if self.rescale > 0:
             guided = rescale_guidance(guided, out_cond, self.rescale)
         return self.denoiser.output_to_x0(guided, x, sigma) if raw else guided
+
+
+    def _shares_input(self) -> bool:
+        """Whether the wrapped network takes one input row for several context rows."""
+        return getattr(self.denoiser.net, "shares_input_rows", False)
 
 
 # --------------------------------------------------------------------------------------------

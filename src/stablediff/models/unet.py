@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.limits import config_from_dict
-from stablediff.nn import GroupNorm32, attention, attention_with_maps, timestep_embedding, zero_module
+from stablediff.nn import (
+    GroupNorm32,
+    attention,
+    attention_with_maps,
+    timestep_embedding,
+    upsample_nearest,
+    zero_module,
+)
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,17 @@ def micro_conditioning(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Te
     return torch.cat([pooled.float(), fourier], dim=-1)
 
 
+def widen(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` repeated along the batch to ``rows`` rows: [t; t; ...], the layout of a context
+    batch [uncond; cond] that shares one input (see `UNetModel`)."""
+    n = t.shape[0]
+    if n >= rows:
+        return t
+    if rows % n:
+        raise ValueError(f"cannot share {n} input rows among {rows} conditioning rows: not a multiple")
+    return torch.cat([t] * (rows // n))
+
+
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with the timestep embedding added in between (ADM residual block)."""
 
@@ -160,7 +178,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = h + widen(self.emb_layers(emb).to(h.dtype), h.shape[0])[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -222,6 +240,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
+        x = widen(x, context.shape[0])  # the first use of the context: shared rows part here
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -254,10 +273,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.linear:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # back to [B, C, H, W]
+        x = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)  # back to [B, C, H, W]
         if not self.linear:
             x = self.proj_out(x)
-        return x + residual
+        return x + widen(residual, x.shape[0])
 
 
 class Downsample(nn.Module):
@@ -275,10 +294,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        # Nearest 2x, or to the skip's size when the input side was odd; interpolation in fp32
-        # because bf16 nearest-upsampling is not implemented on every backend.
-        up = F.interpolate(x.float(), size=size, scale_factor=None if size else 2.0, mode="nearest")
-        return self.conv(up.to(x.dtype))
+        # Nearest 2x, or to the skip's size when the input side was odd.
+        return self.conv(upsample_nearest(x, size))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -305,7 +322,14 @@ class UNetModel(nn.Module):
     (inpainting models take mask + masked-image latent); y: [B, adm_in_channels], required by
     (and only by) models with `adm_in_channels` (SDXL: `micro_conditioning(pooled, time_ids)`).
     Returns [B, out_channels, h, w].
+
+    Shared input: ``context`` (and ``y``) may have k times the rows of ``x`` (classifier-free
+    guidance: [uncond; cond] contexts for one latent). ``x``, ``t`` and ``concat`` are then shared
+    by the k conditionings, and every layer before the first cross-attention runs once on them
+    instead of k times (exactly the rows a batch [x; x] would compute). The result has k*B rows.
     """
+
+    shares_input_rows = True  # see above; Denoiser-wrapping code checks this before relying on it
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
@@ -391,6 +415,8 @@ class UNetModel(nn.Module):
         if x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {x.shape[1]}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        if y is not None and y.shape[0] != x.shape[0]:  # rows differ from the first layer on: no sharing
+            x, t = widen(x, y.shape[0]), widen(t, y.shape[0])
         emb_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(emb_dtype))
         emb = self._add_conditioning(emb, y)
@@ -406,5 +432,5 @@ class UNetModel(nn.Module):
             skip = skips.pop()
             # The next skip's size tells an Upsample where to land (odd latent sides).
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, size)
-        return self.out(h)
+            h = self._run(block, torch.cat([h, widen(skip, h.shape[0])], dim=1), emb, context, size)
+        return widen(self.out(h), context.shape[0])  # a model without cross-attention never widened

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablediff.limits import config_from_dict
-from stablediff.nn import GroupNorm32, attention
+from stablediff.nn import GroupNorm32, attention, upsample_nearest
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (proj(n).reshape(b, c, h * w).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        # [B, C, H, W] -> [B, HW, C]: free for channels-last maps, one copy otherwise
+        q, k, v = (proj(n).permute(0, 2, 3, 1).reshape(b, h * w, c) for proj in (self.q, self.k, self.v))
+        out = attention(q, k, v, heads=1).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return x + self.proj_out(out)
 
 
@@ -94,7 +95,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
+        return self.conv(upsample_nearest(x))
 
 
 class Level(nn.Module):
