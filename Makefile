@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 TORCH   := torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: setup test demo serve lint clean bundled-model eval
+.PHONY: setup test demo serve lint clean bundled-model eval bench
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ bundled-model: setup
 # The full evaluation of the bundled model: prompt suites, sampler/steps/guidance sweep.
 eval: setup
 	$(PY) -m stablediff eval --n 200 --sweep --out docs/eval
+
+# Speed and memory against diffusers on this machine (docs/benchmarks.md): about 40 minutes on two
+# cores; run it with nothing else on the machine. Results in benchmarks/results/.
+bench: setup
+	$(PY) benchmarks/cpu_generate.py
+	$(PY) benchmarks/peak_rss.py
 
 # The linter and the formatter's check over every Python file (CI runs it before the tests).
 lint: setup

@@ -330,6 +330,10 @@ class UNetModel(nn.Module):
     """
 
     shares_input_rows = True  # see above; Denoiser-wrapping code checks this before relying on it
+    # Run the feature maps in channels-last layout (the pipeline sets it for inference): oneDNN's
+    # and cuDNN's convolutions then skip reordering them, and the transformers' [B, HW, C]
+    # sequences are views. The weights keep their layout, so no second copy of them exists.
+    channels_last = False
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
@@ -412,6 +416,8 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {x.shape[1]}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
@@ -433,4 +439,5 @@ class UNetModel(nn.Module):
             # The next skip's size tells an Upsample where to land (odd latent sides).
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = self._run(block, torch.cat([h, widen(skip, h.shape[0])], dim=1), emb, context, size)
-        return widen(self.out(h), context.shape[0])  # a model without cross-attention never widened
+        out = widen(self.out(h), context.shape[0])  # a model without cross-attention never widened
+        return out.contiguous()

@@ -220,6 +220,9 @@ class AutoencoderKL(nn.Module):
     """`encode(images in [-1, 1]) -> DiagonalGaussian over scaled latents`,
     `decode(scaled latents) -> images in [-1, 1]` (not clamped)."""
 
+    # Feature maps in channels-last layout (set by the pipeline for inference; see UNetModel).
+    channels_last = False
+
     def __init__(self, cfg: VAEConfig = VAEConfig()):
         super().__init__()
         self.config = cfg
@@ -232,11 +235,15 @@ class AutoencoderKL(nn.Module):
         f = self.config.downscale
         if images.shape[-1] % f or images.shape[-2] % f:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {f}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)), self.config.scaling_factor)
+        moments = self.quant_conv(self.encoder(self._layout(images))).contiguous()
+        return DiagonalGaussian(moments, self.config.scaling_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.config.scaling_factor
-        return self.decoder(self.post_quant_conv(z))
+        z = self._layout(latents / self.config.scaling_factor)
+        return self.decoder(self.post_quant_conv(z)).contiguous()
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
         posterior = self.encode(images)
