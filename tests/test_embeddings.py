@@ -269,7 +269,7 @@ def test_wrong_width_names_both_families(sd1_pipe, tmp_path):
 def test_sdxl_embedding_is_refused(sd1_pipe, tmp_path):
     path = tmp_path / "xl.safetensors"
     save_file({"clip_l": _vectors(2, 768), "clip_g": _vectors(2, 1280)}, str(path))
-    with pytest.raises(BadFileError, match="SDXL embedding .*not supported yet"):
+    with pytest.raises(BadFileError, match="an SDXL embedding .*SDXL models only"):
         sd1_pipe.load_embedding(path)
 
 

@@ -285,7 +285,7 @@ def test_sdxl_params_round_trip_and_checks():
 
 
 @pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sdxl-refiner"])
-def test_tiny_presets_generate_and_refuse_saving(name, tmp_path):
+def test_tiny_presets_generate_and_save(name, tmp_path):
     from stablediff.loading import save
     from stablediff.presets import PRESETS
 
@@ -295,5 +295,5 @@ def test_tiny_presets_generate_and_refuse_saving(name, tmp_path):
     assert PRESETS["sdxl"].force_zeros_for_empty_prompt and not PRESETS["sdxl-refiner"].force_zeros_for_empty_prompt
     image = pipe.generate(GenerationParams("a cat", steps=2, sampler="euler"))[0]
     assert image.size == (64, 64)
-    with pytest.raises(NotImplementedError, match="SDXL"):
-        save(pipe, tmp_path / "model.safetensors")
+    # saving and loading back, both layouts: tests/test_sdxl_files.py
+    assert load_pipeline(save(pipe, tmp_path / "model.safetensors")).spec == pipe.spec

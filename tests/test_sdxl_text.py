@@ -203,9 +203,28 @@ def test_prompt_2_of_another_length_is_padded(towers, tokenizers):
         encode_sdxl_chunks(*encoders, tokenize_prompt(tokenizers[0], "a"), tokenize_prompt(tokenizers[1], LONG))
 
 
-def test_textual_inversion_is_refused_for_sdxl(towers, tokenizers):
-    with pytest.raises(ValueError, match="not supported for SDXL"):
-        encode_sdxl_prompt(tokenizers, _encoders(*towers[2:]), "a cat", embeddings=object())
+def test_textual_inversion_reaches_both_encoders(tokenizers):
+    """An embedding named in the prompt reaches each encoder as (ids, fixes) at the same place; which
+    vectors each encoder reads, and the parity with diffusers: tests/test_sdxl_addons.py."""
+    from stablediff.embeddings import Embedding, EmbeddingTable
+
+    table = EmbeddingTable()
+    embedding = Embedding("<xl-tok>", torch.zeros(2, 32), "", "sdxl", vectors_2=torch.ones(2, 32))
+    table.add(embedding)
+    seen = []
+
+    def first(ids, fixes=()):
+        seen.append((ids[0, :5].tolist(), fixes))
+        return torch.zeros(1, ids.shape[1], 32)
+
+    def second(ids, fixes=()):
+        return first(ids, fixes), torch.zeros(1, 32)
+
+    encode_sdxl_prompt(tokenizers, (first, second), "a <xl-tok> cat", negative_prompt="dog", embeddings=table)
+    cat, dog = tokenizers[0].encode("cat")[0], tokenizers[0].encode("dog")[0]
+    prompt = ([tokenizers[0].bos_id, tokenizers[0].encode("a")[0], 0, 0, cat], ((2, embedding),))
+    negative = ([tokenizers[0].bos_id, dog, tokenizers[0].eos_id], ())
+    assert seen[:2] == [prompt, prompt] and [(ids[:3], fixes) for ids, fixes in seen[2:]] == [negative, negative]
 
 
 def _openclip_names(sd: dict) -> dict:

@@ -50,6 +50,10 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ),
     ("stablediff.pipeline", _SHARED, ()),
     ("stablediff.loading", _SHARED, ()),
+    # the file layouts loading reads and writes: they hand weights back and never build the pipeline
+    ("stablediff.single_file", (*_SHARED, "stablediff.pipeline", "stablediff.loading"), ()),
+    ("stablediff.diffusers_folder", (*_SHARED, "stablediff.pipeline", "stablediff.loading"), ()),
+    ("stablediff.scheduler_config", (*_SHARED, "stablediff.pipeline", "stablediff.loading", "stablediff.models"), ()),
     ("stablediff.params", _SHARED, ()),
     ("stablediff.prompts", (*_SHARED, "stablediff.models", "stablediff.embeddings"), ()),  # sees a Protocol
     (

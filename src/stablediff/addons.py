@@ -28,7 +28,8 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
 class AddOns:
-    """LoRA and embedding methods of a pipeline with ``unet``, ``text_encoder`` and ``tokenizer``."""
+    """LoRA and embedding methods of a pipeline with ``unet``, ``text_encoder`` and ``tokenizer`` (and
+    SDXL base's ``text_encoder_2``)."""
 
     lora_dir: str | os.PathLike[str] | None = None
     embeddings_dir: str | os.PathLike[str] | None = None
@@ -43,12 +44,20 @@ class AddOns:
         return self.__dict__.setdefault("_embeddings", EmbeddingTable())
 
     def load_embedding(self, path: str | os.PathLike[str], token: str | None = None) -> str:
-        """Load a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds)
-        and return the token that calls it in prompts: `token` if given, else the token a diffusers
-        file stores, else the file's stem (as A1111). Its vectors must be as wide as this model's
-        token embeddings; the text encoder's weights are not changed."""
+        """Load a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds;
+        on SDXL base, an SDXL file with clip_l and clip_g vectors) and return the token that calls it
+        in prompts: `token` if given, else the token a diffusers file stores, else the file's stem
+        (as A1111). Its vectors must be as wide as this model's token embeddings; the text
+        encoders' weights are not changed."""
+        second = getattr(self, "text_encoder_2", None)
+        if second is None and self.unet.config.adm_in_channels is not None:
+            raise ValueError(
+                "textual-inversion embeddings on an SDXL refiner are not supported yet (SDXL base models take "
+                f"SDXL embeddings); cannot load {os.fspath(path)}"
+            )
         width = self.text_encoder.embeddings.token_embedding.embedding_dim
-        return self._embedding_table.load(path, token, tokenizer=self.tokenizer, width=width).token
+        width_2 = None if second is None else second.embeddings.token_embedding.embedding_dim
+        return self._embedding_table.load(path, token, tokenizer=self.tokenizer, width=width, width_2=width_2).token
 
     def unload_embedding(self, token: str | None = None) -> None:
         """Unload the embedding called `token`, or every embedding when None."""
@@ -64,7 +73,8 @@ class AddOns:
     def _loras(self) -> LoraStack:
         stack = self.__dict__.get("_lora_stack")
         if stack is None:  # made on first use: it indexes the networks' modules
-            stack = self.__dict__["_lora_stack"] = LoraStack(self.unet, self.text_encoder)
+            stack = LoraStack(self.unet, self.text_encoder, getattr(self, "text_encoder_2", None))
+            self.__dict__["_lora_stack"] = stack
         return stack
 
     @property
@@ -75,9 +85,9 @@ class AddOns:
     def load_lora(
         self, path: str | os.PathLike[str], scale: float = 1.0, name: str | None = None, strict: bool = True
     ) -> str:
-        """Apply a LoRA file (kohya/A1111, LyCORIS LoHa/LoKr, diffusers/PEFT) with `scale`; returns its
-        name (default: the file's stem). Strict: a key that fits no module is a BadFileError naming it,
-        and nothing is applied; strict=False applies what fits."""
+        """Apply a LoRA file (kohya/A1111, LyCORIS LoHa/LoKr, diffusers/PEFT; SD 1.x/2.x or SDXL, as the
+        model is) with `scale`; returns its name (default: the file's stem). Strict: a key that fits no
+        module is a BadFileError naming it, and nothing is applied; strict=False applies what fits."""
         return self._loras().load(path, scale, name, strict)
 
     def set_lora_scale(self, name: str, scale: float, text_scale: float | None = None) -> None:

@@ -15,11 +15,12 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from stablediff.cli_addons import add_addon_args, apply_addons
-from stablediff.diffusion import PREDICTION_TYPES, SAMPLERS
+from stablediff.cli_addons import apply_addons
+from stablediff.cli_options import DTYPES, OPTION_FIELDS, add_generation_args
+from stablediff.cli_sdxl import check_sdxl_options, generate_refined, refiner_choice
+from stablediff.diffusion import PREDICTION_TYPES
 from stablediff.errors import printable
 from stablediff.image import read_png_metadata, unique_path
 from stablediff.loading import (
@@ -34,12 +35,10 @@ from stablediff.loading import (
 )
 from stablediff.memory import check_fits, estimate_generation
 from stablediff.outputs import ImageWriter
-from stablediff.params import SCHEDULES, GenerationParams, file_name
+from stablediff.params import GenerationParams, file_name
 from stablediff.prompt_list import process_rank, read_prompt_file, shard
 from stablediff.train.stages import STAGES, get_stage
 from stablediff.version import __version__
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 EXAMPLES = """examples:
   stablediff generate "a red circle above a blue square" --seed 1
@@ -48,6 +47,7 @@ EXAMPLES = """examples:
   stablediff img2img "a watercolour painting" --init photo.jpg --strength 0.6
   stablediff inpaint "a cat" --init room.png --mask mask.png
   stablediff generate --from outputs/00003-1234.png          # the same image again
+  stablediff generate "a lighthouse" --model sdxl-base-folder --refiner sdxl-refiner-folder --switch-at 0.8
   stablediff info outputs/00003-1234.png
   stablediff convert model.ckpt model-diffusers --layout diffusers --dtype fp16
   stablediff dataset shapes --n 50000 --out data/shapes
@@ -56,69 +56,6 @@ EXAMPLES = """examples:
   stablediff train recipe shapes --out runs/shapes --package model.safetensors
   stablediff eval --model model.safetensors --n 200 --sweep
 """
-
-# GenerationParams fields and their flags; None means "not given" so that --from can fill them.
-_PARAM_FLAGS = {
-    "negative_prompt": ("--negative", str, "what the image should not show"),
-    "width": ("--width", int, "image width in pixels, a multiple of 8"),
-    "height": ("--height", int, "image height in pixels, a multiple of 8"),
-    "steps": ("--steps", int, "sampler steps"),
-    "guidance_scale": ("--cfg", float, "classifier-free guidance scale (1 disables guidance)"),
-    "guidance_rescale": ("--rescale", float, "guidance rescale in [0, 1]"),
-    "sampler": ("--sampler", str, f"one of: {', '.join(SAMPLERS)}"),
-    "schedule": ("--schedule", str, f"sigma schedule: {', '.join(SCHEDULES)}"),
-    "seed": ("--seed", int, "random seed (default: a random one, recorded in the PNG)"),
-    "batch_size": ("--batch", int, "images per run; image k uses seed + k"),
-    "clip_skip": ("--clip-skip", int, "1 = the model's own text layer, 2 = one earlier, ..."),
-    "strength": ("--strength", float, "img2img/inpaint: fraction of the schedule re-run, in [0, 1]"),
-}
-
-
-def _add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt (see docs/prompts.md for (word:1.3))")
-    for name, (flag, typ, text) in _PARAM_FLAGS.items():
-        if name == "strength" and kind == "generate":
-            continue
-        p.add_argument(flag, dest=name, type=typ, default=None, help=text)
-    if kind != "generate":
-        p.add_argument("--init", dest="init_image", required=kind != "generate", help="input image")
-    if kind == "inpaint":
-        p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint file, diffusers folder or preset (default: $STABLEDIFF_MODEL or the bundled model)",
-    )
-    p.add_argument(
-        "--from",
-        dest="from_png",
-        default=None,
-        help="take every parameter from a PNG (ours, or A1111's: what it cannot reproduce is listed)",
-    )
-    if kind == "generate":
-        p.add_argument(
-            "--prompts",
-            default=None,
-            metavar="FILE",
-            help="a prompt per line (.txt) or GenerationParams per line (.jsonl), the other options as defaults; "
-            "resumes; split over processes under torchrun",
-        )
-    add_addon_args(p)
-    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (under torchrun: each rank its own GPU)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument(
-        "--vae-tiling",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="decode (and encode) the image in tiles: auto = when it would not fit in memory (docs/memory.md)",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the estimated peak memory and the memory available, and exit without generating",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stablediff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for kind, text in (("generate", "text to image"), ("img2img", "image to image"), ("inpaint", "repaint a mask")):
-        _add_generation_args(
+        add_generation_args(
             sub.add_parser(kind, help=text, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter), kind
         )
     info = sub.add_parser("info", help="print the parameters stored in a PNG")
@@ -221,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None, list[dict]]:
-    """GenerationParams fields from the flags, over those of --from PNG when given; the model; and
-    the LoRAs the PNG's record says were used."""
+def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None, list[dict], str | None, float]:
+    """GenerationParams fields from the flags, over those of --from PNG when given; the model; the
+    LoRAs the PNG's record says were used; the SDXL refiner (or None) and its switch."""
     values: dict = {}
-    model = None
+    model = refiner = refiner_file = None
     loras: list[dict] = []
     if args.from_png:
         stored = read_png_metadata(args.from_png)["stablediff"]
@@ -239,8 +176,9 @@ def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None, list[
             if stored["params"].get("latents_given"):
                 raise ValueError(f"{args.from_png} was made from explicit latents, which a PNG cannot hold")
             model, loras = stored_model["model_file"], stored_model["loras"]
+            refiner = stored_model["refiner"] if args.command == "generate" else None  # img2img: no --refiner
         values = {f.name: getattr(params, f.name) for f in fields(GenerationParams) if f.name != "latents"}
-    given = {k: v for k, v in vars(args).items() if k in values or k in _PARAM_FLAGS or k in ("init_image", "mask")}
+    given = {k: v for k, v in vars(args).items() if k in values or k in (*OPTION_FIELDS, "init_image", "mask")}
     values.update({k: v for k, v in given.items() if v is not None})
     if args.from_png:  # the files the PNG names, where the command line names none
         for name, flag in (("init_image", "--init"), ("mask", "--mask")):
@@ -248,13 +186,16 @@ def _params_from_args(args: argparse.Namespace) -> tuple[dict, str | None, list[
                 values[name] = _file_from_png(args.from_png, name, values[name], flag)
         if model is not None and not args.model:
             model = _file_from_png(args.from_png, "model", model, "--model")
+        if refiner is not None and args.refiner is None:
+            refiner_file = _file_from_png(args.from_png, "refiner", refiner["model_file"], "--refiner")
+    refiner, switch = refiner_choice(args, refiner, refiner_file)
     if args.prompt is not None:
         values["prompt"] = args.prompt
     if "prompt" not in values:
         raise ValueError("a prompt is needed (or --from IMAGE.png)")
     if values.get("seed") is None:
         values["seed"] = secrets.randbelow(2**32)
-    return values, args.model or model, loras
+    return values, args.model or model, loras, refiner, switch
 
 
 def _file_from_png(png: str, field: str, value: str, flag: str) -> str:
@@ -262,7 +203,7 @@ def _file_from_png(png: str, field: str, value: str, flag: str) -> str:
     by its file name, in the current folder, and said on stderr, since the PNG chose it. A model
     may also be a preset's name (or the bundled model's). Names are shown by repr: escaped."""
     where = f"stablediff: --from {printable(png)}"
-    if field == "model" and (value in PRESETS or value == BUNDLED_NAME):
+    if field in ("model", "refiner") and (value in PRESETS or value == BUNDLED_NAME):
         print(f"{where}: using the model {value!r} named in the PNG", file=sys.stderr)
         return value
     for candidate in dict.fromkeys((value, file_name(value))):
@@ -279,19 +220,21 @@ def _file_from_png(png: str, field: str, value: str, flag: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     if getattr(args, "prompts", None):
         return cmd_prompt_list(args)
-    values, model, stored_loras = _params_from_args(args)
+    values, model, stored_loras, refiner, switch = _params_from_args(args)
     model = model or default_model()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
     GenerationParams(**values).validate()  # fail before loading the model
-    spec = read_spec(model)  # None for a pickled checkpoint: known once read
-    if spec is not None and _memory_check(args, spec, values, loaded=False):
+    spec, refiner_spec = read_spec(model), read_spec(refiner) if refiner else None  # None for a pickled checkpoint
+    known = spec is not None and (refiner is None or refiner_spec is not None)
+    if known and _check_run(args, spec, values, loaded=False, refiner=refiner_spec):
         return 0
     pipe = load_pipeline(model, device=args.device, dtype=DTYPES[args.dtype])
+    refined = load_pipeline(refiner, device=args.device, dtype=DTYPES[args.dtype]) if refiner else None
     apply_addons(pipe, args, stored_loras)
     pipe.vae_tiling = args.vae_tiling
-    if spec is None and _memory_check(args, pipe.spec, values, loaded=True):
+    if not known and _check_run(args, pipe.spec, values, loaded=True, refiner=refined and refined.spec):
         return 0
     # Without --width/--height, the model's own image size (512 for SD 1.x, 64 for the bundled model):
     # the size the pipeline uses, recorded in the PNGs.
@@ -312,21 +255,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.n = step
         bar.refresh()
 
-    images = pipe.generate(params, callback=progress)
+    images = generate_refined(pipe, refined, params, switch, progress)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    writer = ImageWriter(pipe)
+    writer = ImageWriter(pipe, refiner=refined, switch_at=switch)
     for k, image in enumerate(images):
         path = unique_path(out, str(params.seed + k))
         print(writer.write(image, params, k, path, args.overwrite))
     return 0
 
 
-def _memory_check(args: argparse.Namespace, spec, values: dict, loaded: bool) -> bool:
-    """--dry-run: print the memory estimate and say so (True); otherwise refuse a run that would
-    not fit, before it allocates (and, unless ``loaded``, before the model is read)."""
+def _check_run(args: argparse.Namespace, spec, values: dict, loaded: bool, refiner=None) -> bool:
+    """The SDXL options against the model and refiner; then --dry-run: print the memory estimate
+    and say so (True); otherwise refuse a run that would not fit, before it allocates (and, unless
+    ``loaded``, before the model is read)."""
+    check_sdxl_options(args, spec, refiner)
     params = GenerationParams(**values)
-    estimate = estimate_generation(spec, params, DTYPES[args.dtype], args.device, args.vae_tiling)
+    estimate = estimate_generation(spec, params, DTYPES[args.dtype], args.device, args.vae_tiling, refiner=refiner)
     if args.dry_run:
         where = f"{params.width or spec.default_size}x{params.height or spec.default_size}"
         print(
@@ -343,10 +288,10 @@ def cmd_prompt_list(args: argparse.Namespace) -> int:
     """`generate --prompts FILE`: every line's images, this process's share under torchrun."""
     if args.prompt is not None or args.from_png:
         raise ValueError("--prompts takes its prompts from the file: give no prompt and no --from")
-    if args.dry_run:
-        raise ValueError("--dry-run estimates one generation: give a prompt, not --prompts")
+    if args.dry_run or args.refiner or args.switch_at is not None:
+        raise ValueError("--dry-run, --refiner and --switch-at take one generation: give a prompt, not --prompts")
     rank, world, local_rank = process_rank()
-    defaults = {k: v for k, v in vars(args).items() if k in _PARAM_FLAGS and v is not None}
+    defaults = {k: v for k, v in vars(args).items() if k in OPTION_FIELDS and v is not None}
     base_seed = defaults.pop("seed", 0)
     jobs = shard(read_prompt_file(args.prompts, defaults, base_seed), rank, world)
     out = Path(args.out)
@@ -358,6 +303,7 @@ def cmd_prompt_list(args: argparse.Namespace) -> int:
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"  # each rank its own GPU
     pipe = load_pipeline(args.model or default_model(), device=device, dtype=DTYPES[args.dtype])
+    check_sdxl_options(args, pipe.spec, None)
     apply_addons(pipe, args)
     pipe.vae_tiling = args.vae_tiling
     todo = [replace(job, params=pipe.resolve_params(job.params)) for job in todo]

@@ -3,7 +3,9 @@ their names in prompts.
 
 An embedding is 1 to 75 learned vectors as wide as the text encoder's token embeddings (768 for
 SD 1.x, 1024 for SD 2.x). Where its name stands in a prompt, the encoder reads those vectors in
-place of token embeddings. Files are told apart by what they hold; the file name only gives the
+place of token embeddings. An SDXL embedding has two sets of as many vectors, one per text encoder:
+``clip_l`` (768 wide, CLIP ViT-L) and ``clip_g`` (1280 wide, OpenCLIP bigG), read by each encoder
+at the same positions. Files are told apart by what they hold; the file name only gives the
 default name (A1111 names an embedding after its file):
 
 * A1111 ``.pt`` (a pickle): ``string_to_param`` ``{"*": [n, dim]}``, with ``name``, ``step``,
@@ -11,7 +13,9 @@ default name (A1111 names an embedding after its file):
 * A1111 / kohya ``.safetensors``: ``emb_params`` ``[n, dim]``; default token: the file's stem;
 * diffusers ``learned_embeds.safetensors`` / ``.bin``: one entry ``{token: [dim] or [n, dim]}``;
   default token: the stored one;
-* SDXL files (``clip_l`` and ``clip_g``): recognised and refused, SDXL is not supported yet.
+* SDXL ``.safetensors`` (as the web UIs and kohya write them): ``clip_l`` ``[n, 768]`` and ``clip_g``
+  ``[n, 1280]``; default token: the file's stem. They load on SDXL base models only (the refiner,
+  whose one text encoder is bigG, does not take embeddings yet).
 
 Pickles are read only through the restricted unpickler of :mod:`stablediff.weights.unpickle`, so an
 old embedding saved as an ``nn.ParameterDict`` (the original textual-inversion code) is refused.
@@ -70,6 +74,7 @@ MAX_VECTORS = 75  # one chunk's tokens: a multi-vector embedding must fit in one
 MAX_FILE_BYTES = 32 << 20
 MAX_TOKEN_CHARS = 100
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}
+SDXL_KEYS = ("clip_l", "clip_g")  # an SDXL embedding's vectors for its first and second text encoder
 _SYNTAX = "()[]\\"  # what the prompt grammar reads as emphasis or escape: a name with them never matches
 
 
@@ -80,14 +85,16 @@ class _Tokenizer(Protocol):
 @dataclass(frozen=True, eq=False)  # eq=False: equal only to itself (chunks compare their embeddings)
 class Embedding:
     """One loaded embedding: ``vectors`` [n, dim] float32 on the CPU, the ``token`` that calls it,
-    the file it came from, its ``format`` ("a1111" or "diffusers") and the training ``step`` when
-    the file records it."""
+    the file it came from, its ``format`` ("a1111", "diffusers" or "sdxl") and the training
+    ``step`` when the file records it. An SDXL embedding's ``vectors`` are its ``clip_l`` ones, and
+    ``vectors_2`` [n, dim_2] its ``clip_g`` ones, for SDXL's second text encoder (else None)."""
 
     token: str
     vectors: torch.Tensor
     path: str
     format: str
     step: int | None = None
+    vectors_2: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
@@ -111,9 +118,32 @@ def read_embedding(path: str | os.PathLike[str], token: str | None = None) -> Em
             f"{path}: {size} bytes is too large for a textual-inversion embedding (at most {MAX_FILE_BYTES}; "
             "real ones are a few KB): is it a LoRA or a model checkpoint?"
         )
-    stored, vectors, kind, step = _find_vectors(_read_object(path, fmt), path)
+    data = _read_object(path, fmt)
+    if isinstance(data, dict) and any(k in data for k in SDXL_KEYS):
+        vectors, vectors_2 = _sdxl_vectors(data, path)
+        return Embedding(token if token is not None else Path(path).stem, vectors, path, "sdxl", None, vectors_2)
+    stored, vectors, kind, step = _find_vectors(data, path)
     name = token if token is not None else stored if stored is not None else Path(path).stem
     return Embedding(name, _check_vectors(vectors, path), path, kind, step)
+
+
+def _sdxl_vectors(data: dict, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clip_l, clip_g) vectors of an SDXL embedding, checked: both there, as many of each."""
+    missing = [k for k in SDXL_KEYS if k not in data]
+    if missing:
+        raise BadFileError(
+            f"{path}: an SDXL embedding needs both clip_l and clip_g vectors (one set per text encoder); "
+            f"{missing[0]} is missing"
+        )
+    others = sorted(printable(str(k))[:40] for k in data if k not in SDXL_KEYS)
+    if others:
+        raise BadFileError(f"{path}: an SDXL embedding holds clip_l and clip_g only; the file also has {others[:8]}")
+    first, second = (_check_vectors(data[k], f"{path} ({k})") for k in SDXL_KEYS)
+    if len(first) != len(second):
+        raise BadFileError(
+            f"{path}: clip_l has {len(first)} vectors and clip_g {len(second)}; an SDXL embedding has as many of each"
+        )
+    return first, second
 
 
 def _read_object(path: str, fmt: str) -> object:
@@ -142,11 +172,6 @@ def _find_vectors(data: object, path: str) -> tuple[str | None, object, str, int
             raise BadFileError(f"{path}: string_to_param must hold exactly one entry ({{'*': tensor}}); it has {got}")
         step = data.get("step")
         return None, next(iter(params.values())), "a1111", step if type(step) is int else None
-    if "clip_l" in data or "clip_g" in data:
-        raise BadFileError(
-            f"{path}: an SDXL embedding (clip_l / clip_g vectors for its two text encoders); SDXL is not "
-            "supported yet, only SD 1.x (768-wide) and SD 2.x (1024-wide) embeddings load"
-        )
     if "emb_params" in data:  # A1111 / kohya .safetensors
         return None, data["emb_params"], "a1111", None
     if len(data) == 1:  # diffusers: {token: vectors}
@@ -205,13 +230,38 @@ def _family(width: int) -> str:
     return FAMILIES.get(width, "no SD family")
 
 
-def check_width(embedding: Embedding, width: int) -> None:
-    """BadFileError unless the vectors are as wide as the model's token embeddings (``width``)."""
+def check_width(embedding: Embedding, width: int, width_2: int | None = None) -> None:
+    """BadFileError unless the vectors are as wide as the model's token embeddings: ``width``, and
+    for SDXL base ``width_2``, the second text encoder's (then the embedding must be an SDXL one)."""
+    if width_2 is not None:
+        _check_sdxl_width(embedding, width, width_2)
+        return
+    if embedding.vectors_2 is not None:
+        raise BadFileError(
+            f"{embedding.path}: an SDXL embedding (clip_l {embedding.dim} wide and clip_g "
+            f"{embedding.vectors_2.shape[1]} wide, for SDXL's two text encoders), but this model has one text "
+            f"encoder, {width} wide ({_family(width)}): an SDXL embedding works with SDXL models only"
+        )
     if embedding.dim != width:
         raise BadFileError(
             f"{embedding.path}: the embedding's vectors are {embedding.dim} wide ({_family(embedding.dim)}), "
             f"but this model's text encoder takes {width}-wide token embeddings ({_family(width)}); "
             "an embedding works only with the model family it was trained for"
+        )
+
+
+def _check_sdxl_width(embedding: Embedding, width: int, width_2: int) -> None:
+    if embedding.vectors_2 is None:
+        raise BadFileError(
+            f"{embedding.path}: an embedding for one text encoder ({embedding.dim} wide, {_family(embedding.dim)}), "
+            f"but this model is SDXL: it takes SDXL embeddings, with clip_l ({width}-wide) and clip_g "
+            f"({width_2}-wide) vectors for its two text encoders"
+        )
+    widths = (embedding.dim, embedding.vectors_2.shape[1])
+    if widths != (width, width_2):
+        raise BadFileError(
+            f"{embedding.path}: the embedding's clip_l / clip_g vectors are {widths[0]} / {widths[1]} wide, but this "
+            f"model's text encoders take {width} / {width_2}-wide token embeddings"
         )
 
 
@@ -257,10 +307,19 @@ class EmbeddingTable:
         self._pattern: re.Pattern[str] | None = None
         self._order: list[Embedding] = []  # group e{i} of the pattern is _order[i]
 
-    def load(self, path: str | os.PathLike[str], token: str | None, *, tokenizer: _Tokenizer, width: int) -> Embedding:
-        """Read, check (width, token, not loaded yet) and add an embedding file; returns it."""
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        token: str | None,
+        *,
+        tokenizer: _Tokenizer,
+        width: int,
+        width_2: int | None = None,
+    ) -> Embedding:
+        """Read, check (widths, token, not loaded yet) and add an embedding file; returns it.
+        ``width_2``: SDXL's second text encoder's width (None: one text encoder)."""
         embedding = read_embedding(path, token)
-        check_width(embedding, width)
+        check_width(embedding, width, width_2)
         try:
             check_token(embedding.token, tokenizer)
         except ValueError as exc:
@@ -340,13 +399,19 @@ def _name_pattern(token: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The encoder side
 def embed_tokens(
-    token_embedding: torch.nn.Embedding, ids: torch.Tensor, fixes: Sequence[tuple[int, Sized]]
+    token_embedding: torch.nn.Embedding,
+    ids: torch.Tensor,
+    fixes: Sequence[tuple[int, Sized]],
+    second: bool = False,
 ) -> torch.Tensor:
     """The token embeddings of ``ids`` [B, L], with each fix's vectors (``(position, Embedding)``)
-    at ``position ... position + n - 1`` of every row. A new tensor: the table is never written."""
+    at ``position ... position + n - 1`` of every row: ``vectors``, or with ``second`` (SDXL's
+    second text encoder) ``vectors_2``. A new tensor: the table is never written."""
     rows = token_embedding(ids)
     for position, embedding in fixes:
-        vectors = embedding.vectors
+        vectors = embedding.vectors_2 if second else embedding.vectors
+        if vectors is None:
+            raise ValueError(f"embedding {getattr(embedding, 'token', '?')!r} has no vectors for a second text encoder")
         if not 0 <= position <= rows.shape[1] - len(vectors):
             raise ValueError(f"{len(vectors)} vectors at position {position} overflow {rows.shape[1]} positions")
         rows[:, position : position + len(vectors)] = vectors.to(rows)  # the table's dtype, as diffusers

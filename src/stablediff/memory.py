@@ -1,7 +1,8 @@
 """How much memory a generation will need, estimated before anything is loaded (docs/memory.md).
 
-`estimate_generation` adds the weights of the three networks (counted on the meta device, in the
-dtype they will run in) to the largest of the stages' activations: the text encoder, the U-Net
+`estimate_generation` adds the weights of the networks (counted on the meta device, in the dtype
+they will run in: SDXL's second text tower too, and an SDXL refiner's networks when one takes over)
+to the largest of the stages' activations: the text encoder(s), the U-Net
 (batch rows at latent resolution: its skip connections and the widest transformer's working
 set), the VAE encode of an init image and the VAE decode, with the tiling choice the pipeline
 will make (`stablediff.tiling`). `check_fits` turns an estimate above the available memory into
@@ -25,10 +26,19 @@ GIB = 1024**3
 
 
 def weight_bytes(spec: ModelSpec, itemsize: int) -> int:
-    """Bytes of the three networks' parameters and buffers with floating values of ``itemsize``."""
+    """Bytes of the networks' parameters and buffers with floating values of ``itemsize``: the
+    U-Net, the VAE and the text encoder (and SDXL base's second one)."""
+    texts = (spec.text,) if spec.text_2 is None else (spec.text, spec.text_2)
     with torch.device("meta"):
-        nets = (UNetModel(spec.unet), AutoencoderKL(spec.vae), CLIPTextModel(spec.text))
+        nets = (UNetModel(spec.unet), AutoencoderKL(spec.vae), *(CLIPTextModel(t) for t in texts))
     return sum(t.numel() * itemsize for net in nets for t in (*net.parameters(), *net.buffers()))
+
+
+def text_bytes(spec: ModelSpec, rows: int, itemsize: int) -> int:
+    """Activations of the text encoding: the widest tower's MLP on ~3 chunks of 77 tokens (SDXL's
+    towers run one after the other)."""
+    texts = (spec.text,) if spec.text_2 is None else (spec.text, spec.text_2)
+    return max(rows * 77 * 3 * t.width * t.mlp_ratio * itemsize for t in texts)
 
 
 def unet_bytes(cfg: UNetConfig, h: int, w: int, rows: int, itemsize: int) -> int:
@@ -50,7 +60,9 @@ class MemoryEstimate:
     """Bytes: the weights, and each stage's activations; `peak` = weights + the largest stage."""
 
     weights: int
-    stages: dict[str, int]  # "text encoder", "U-Net", "VAE encode" (img2img), "VAE decode"
+    # "text encoder", "U-Net", "VAE encode" (img2img), "VAE decode"; with a refiner also
+    # "refiner text encoder" and "refiner U-Net"
+    stages: dict[str, int]
     tiled: dict[str, bool]  # "VAE encode", "VAE decode": whether the pass will be tiled
     itemsize: int  # bytes per weight
     available: int | None  # on the device, when known
@@ -80,29 +92,36 @@ def estimate_generation(
     tile: int = DEFAULT_TILE,
     available: int | None = None,
     batch_images: bool | None = None,
+    refiner: ModelSpec | None = None,
 ) -> MemoryEstimate:
     """The memory `StableDiffusion.generate(params)` will need on ``device`` with weights in
     ``dtype``. ``available``: bytes free (default: measured now). In "auto" mode a VAE pass is
     counted tiled when its untiled peak would not fit beside the weights, as the pipeline will
-    decide then. ``batch_images`` as the pipeline's (None: together on CUDA devices only)."""
+    decide then. ``batch_images`` as the pipeline's (None: together on CUDA devices only).
+    ``refiner``: an SDXL refiner loaded beside the model that continues its latents (the command
+    line's ``--refiner``): its weights count too, and its text encoder and U-Net are stages; the
+    refiner decodes, with its own VAE."""
     params = params.with_default_size(spec.default_size)
     device = torch.device(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     available = available_memory(device) if available is None else available
-    weights = weight_bytes(spec, itemsize)
+    weights = weight_bytes(spec, itemsize) + (0 if refiner is None else weight_bytes(refiner, itemsize))
     together = batch_images if batch_images is not None else device.type == "cuda"
     rows = (2 if params.guidance_scale > 1 else 1) * (params.batch_size if together else 1)
     f = spec.vae.downscale
     stages = {
-        "text encoder": rows * 77 * 3 * spec.text.width * spec.text.mlp_ratio * itemsize,  # ~3 chunks
+        "text encoder": text_bytes(spec, rows, itemsize),
         "U-Net": unet_bytes(spec.unet, params.height // f, params.width // f, rows, itemsize),
     }
+    if refiner is not None:
+        stages["refiner text encoder"] = text_bytes(refiner, rows, itemsize)
+        stages["refiner U-Net"] = unet_bytes(refiner.unet, params.height // f, params.width // f, rows, itemsize)
     tiled = {}
-    passes = (("VAE encode", encode_bytes),) if params.init_image is not None else ()
-    for name, estimate in (*passes, ("VAE decode", decode_bytes)):
-        untiled = estimate(spec.vae, params.height, params.width, itemsize)
+    passes = (("VAE encode", encode_bytes, spec.vae),) if params.init_image is not None else ()
+    for name, estimate, vae in (*passes, ("VAE decode", decode_bytes, (refiner or spec).vae)):
+        untiled = estimate(vae, params.height, params.width, itemsize)
         tiled[name] = use_tiling(vae_tiling, untiled, None if available is None else available - weights)
-        stages[name] = estimate(spec.vae, params.height, params.width, itemsize, tile) if tiled[name] else untiled
+        stages[name] = estimate(vae, params.height, params.width, itemsize, tile) if tiled[name] else untiled
     return MemoryEstimate(weights, stages, tiled, itemsize, available)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from stablediff.diffusion.schedules import SIGMA_SCHEDULES
+from stablediff.diffusion.schedules import SIGMA_SCHEDULES, SPACINGS
 from stablediff.errors import BadFileError
 from stablediff.limits import LIMITS
 from stablediff.params_a1111 import (  # noqa: F401 (re-exported: the A1111 name tables' old home)
@@ -71,6 +71,10 @@ class GenerationParams:
     ``denoising_end`` (in (0, 1)) stops the schedule there and returns the noisy latents for a
     refiner; ``denoising_start`` starts the schedule there from given latents (strength ignored),
     the base + refiner "ensemble of experts" hand-off of diffusers.
+
+    ``spacing`` ("leading", "trailing" or "linspace") replaces the ``timestep_spacing`` of the
+    model's scheduler config for this generation, as a diffusers scheduler made with that config
+    value; None keeps the model's (or each sampler's own default).
     """
 
     prompt: str
@@ -101,6 +105,7 @@ class GenerationParams:
     negative_aesthetic_score: float = 2.5
     denoising_start: float | None = None
     denoising_end: float | None = None
+    spacing: str | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; the pairs are tuples so that a round trip compares equal
@@ -147,6 +152,8 @@ class GenerationParams:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid choices: {', '.join(sorted(valid_samplers))}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; valid choices: {', '.join(SPACINGS)} (or None)")
         for name in ("init_image", "mask"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (Image.Image, str, os.PathLike)):
@@ -247,10 +254,12 @@ class GenerationParams:
         model_hash: str | None,
         loras: Sequence[Mapping[str, Any]] = (),
         embeddings: Mapping[str, str | None] | None = None,
+        refiner: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The ``stablediff`` PNG chunk: these params as JSON, the model's name, file and hash, and
         the add-ons used (as ``to_a1111`` takes them): ``loras`` [{name, unet, text, hash, in_prompt}]
-        and ``embeddings`` {name: hash}, by name and hash only.
+        and ``embeddings`` {name: hash}, by name and hash only; ``refiner`` {model, model_file,
+        model_hash, switch_at}: the SDXL refiner that took over from ``switch_at`` (None: none).
 
         A PNG is shared: it carries the *file names* of the model, init image and mask, never a
         folder of the machine that made it (``model_file`` may also be a preset's name).
@@ -266,6 +275,7 @@ class GenerationParams:
             "model_file": None if model_file is None else file_name(model_file),
             "loras": [{k: u.get(k) for k in ("name", "unet", "text", "hash", "in_prompt")} for u in loras],
             "embeddings": dict(embeddings or {}),
+            "refiner": None if refiner is None else _refiner_entry(refiner),
             "version": __version__,
         }
 
@@ -273,7 +283,8 @@ class GenerationParams:
     def from_record(cls, record: Any, source: str | os.PathLike[str]) -> tuple[GenerationParams, dict[str, Any]]:
         """Read the ``stablediff`` chunk of a stranger's PNG: ``(params, model)``, the params
         validated and ``model`` holding ``"model"``, ``"model_file"`` and ``"model_hash"`` (each a
-        str or None; PNGs written before ``model_file`` have an absolute ``model_path``).
+        str or None; PNGs written before ``model_file`` have an absolute ``model_path``), ``"loras"``
+        and ``"refiner"`` (as ``to_record`` takes it, or None).
 
         Anything malformed or invalid raises BadFileError naming ``source`` and the field.
         """
@@ -285,6 +296,7 @@ class GenerationParams:
             if value is not None and not isinstance(value, str):
                 raise BadFileError(f"{source}: the stablediff chunk's {key!r} must be a string, got {value!r:.60}")
         model["loras"] = _read_lora_uses(record.get("loras", []), source)
+        model["refiner"] = _read_refiner(record.get("refiner"), source)
         data = record["params"]
         if "latents" in data and data["latents"] is not None:
             raise BadFileError(f"{source}: stored latents must be null (a PNG cannot hold them)")
@@ -305,12 +317,13 @@ class GenerationParams:
         seed: int | None = None,
         loras: Sequence[Mapping[str, Any]] = (),
         embeddings: Mapping[str, str | None] | None = None,
+        refiner: Mapping[str, Any] | None = None,
     ) -> str:
         """The AUTOMATIC1111 ``parameters`` text for one image (``seed`` overrides ``self.seed``, e.g.
-        for the i-th image of a batch), with the LoRAs and embeddings used (see
-        ``params_a1111.a1111_text``). A1111 has no keys for the SDXL fields: the ``stablediff``
-        record keeps them."""
-        return a1111_text(self, model_hash, model_name, seed, loras, embeddings)
+        for the i-th image of a batch), with the LoRAs, embeddings and refiner used (see
+        ``params_a1111.a1111_text``). A1111 has no keys for the SDXL micro-conditioning, the second
+        prompts or ``spacing``: the ``stablediff`` record keeps them."""
+        return a1111_text(self, model_hash, model_name, seed, loras, embeddings, refiner)
 
     @classmethod
     def from_a1111(cls, text: str) -> GenerationParams:
@@ -354,7 +367,6 @@ class GenerationParams:
             raise BadFileError(f"{path}: A1111 parameters: {err}") from None
 
     @classmethod
-    @classmethod
     def _from_a1111(cls, text: str, lenient: bool) -> tuple[GenerationParams, list[str]]:
         fields, unmapped = a1111_fields(text, lenient)
         return cls(**fields), unmapped
@@ -377,6 +389,31 @@ def _read_lora_uses(value: Any, source: str | os.PathLike[str]) -> list[dict[str
             raise bad
         uses.append({k: use[k] for k in ("name", "unet", "text", "hash", "in_prompt")})
     return uses
+
+
+def _refiner_entry(refiner: Mapping[str, Any]) -> dict[str, Any]:
+    entry = {k: refiner.get(k) for k in ("model", "model_file", "model_hash", "switch_at")}
+    if entry["model_file"] is not None:
+        entry["model_file"] = file_name(entry["model_file"])
+    return entry
+
+
+def _read_refiner(value: Any, source: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``refiner`` of a stranger's record (None when absent), types and range checked."""
+    if value is None:
+        return None
+    bad = BadFileError(
+        f"{source}: the stablediff chunk's 'refiner' must be {{model, model_file, model_hash, switch_at}} with "
+        "model_file a string and switch_at in (0, 1)"
+    )
+    if not isinstance(value, dict) or not isinstance(value.get("model_file"), str) or not value["model_file"]:
+        raise bad
+    if not all(value.get(k) is None or isinstance(value[k], str) for k in ("model", "model_hash")):
+        raise bad
+    switch = value.get("switch_at")
+    if not (_is_real(switch) and 0.0 < switch < 1.0):
+        raise bad
+    return _refiner_entry(value)
 
 
 def file_name(path: str | os.PathLike[str]) -> str:

@@ -102,6 +102,7 @@ _A1111_TIMESTEP_SAMPLERS = ("ddim", "plms", "unipc")
 _A1111_READ = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
 _A1111_READ |= {"Denoising strength", "Clip skip", "CFG Rescale", "RNG", "ENSD", "Model", "Model hash", "Version"}
 _A1111_READ |= {"Lora hashes", "TI hashes"}  # the LoRA tags and embedding names of the prompt say what is used
+_A1111_READ |= {"Refiner", "Refiner switch at"}  # listed by _a1111_unread with what to pass instead
 # A1111's extra networks, removed before encoding as A1111 does: a prompt's <lora:...> tags apply here
 # too (the pipeline reads them), so only hypernetworks are taken out of it; a negative prompt loses all
 _EXTRA_NETWORK = {
@@ -121,6 +122,7 @@ def a1111_text(
     seed: int | None = None,
     loras: Sequence[Mapping[str, Any]] = (),
     embeddings: Mapping[str, str | None] | None = None,
+    refiner: Mapping[str, Any] | None = None,
 ) -> str:
     """The AUTOMATIC1111 ``parameters`` text for one image (``seed`` overrides ``p.seed``,
     e.g. for the i-th image of a batch). Fields follow A1111's order; ``None`` ones are left out
@@ -129,7 +131,9 @@ def a1111_text(
     ``loras``: the LoRAs used (``lora_uses``: name, unet and text weights, hash, whether a prompt
     tag named it); those loaded outside the prompt are written into it as ``<lora:name:w>`` tags,
     A1111's only way to name them, and every one goes in "Lora hashes". ``embeddings``: the
-    textual-inversion names in the prompts and their hashes ("TI hashes").
+    textual-inversion names in the prompts and their hashes ("TI hashes"). ``refiner``: the SDXL
+    refiner that took over (``model``, ``model_hash``, ``switch_at``), written as A1111 writes its
+    refiner: ``Refiner: NAME [hash], Refiner switch at: 0.8``.
 
     "Schedule type" is always a concrete A1111 type, never "Automatic" (which A1111 reads as the
     sampler's own default): "default" is written as ``A1111_DEFAULT_AS[sampler]``. "RNG: CPU":
@@ -151,6 +155,8 @@ def a1111_text(
         "CFG Rescale": float(p.guidance_rescale) if p.guidance_rescale > 0 else None,
         "Lora hashes": ", ".join(f"{u['name']}: {u['hash']}" for u in loras if u.get("hash")) or None,
         "TI hashes": ", ".join(f"{n}: {h}" for n, h in (embeddings or {}).items() if h) or None,
+        "Refiner": None if refiner is None else _checkpoint_title(refiner["model"], refiner.get("model_hash")),
+        "Refiner switch at": None if refiner is None else float(refiner["switch_at"]),
         "Version": f"stablediff {__version__}",
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in items.items() if v is not None)
@@ -222,6 +228,11 @@ def _a1111_unread(info: Mapping[str, str]) -> list[str]:
     if "Model" in info or "Model hash" in info:
         name = info.get("Model", "?") + (f", hash {info['Model hash']}" if "Model hash" in info else "")
         out.append(f"Model: {name} (models are not looked up by name)")
+    if "Refiner" in info:
+        switch = info.get("Refiner switch at", "0.8")
+        out.append(
+            f"Refiner: {info['Refiner']} (models are not looked up by name; pass --refiner FILE --switch-at {switch})"
+        )
     rng = info.get("RNG", "GPU")  # A1111 writes no RNG for its default, the GPU
     if rng != "CPU":
         out.append(f"RNG: {rng} (A1111 drew the noise on the {rng}; here it comes from a CPU generator, as RNG: CPU)")
@@ -258,6 +269,11 @@ def parse_a1111(text: str) -> dict[str, str]:
     for key, value in _ITEM.findall(last):
         out[key] = _unquote(value.strip())
     return out
+
+
+def _checkpoint_title(name: str, digest: str | None) -> str:
+    """A1111's short title of a checkpoint: ``name [hash]`` (the name alone without a hash)."""
+    return name if digest is None else f"{name} [{digest}]"
 
 
 def _lora_tag(use: Mapping[str, Any]) -> str:

@@ -103,11 +103,8 @@ class StableDiffusion(AddOns):
     last_fallback: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Convolutions run in channels-last layout (oneDNN's and cuDNN's native one): the feature
-        # maps then need no reordering around each convolution, and the U-Net's transformers see
-        # their [B, HW, C] sequences without a copy. Same values, different strides.
-        for net in (self.unet, self.vae):
-            net.to(memory_format=torch.channels_last)
+        # Feature maps in channels-last layout, oneDNN's and cuDNN's native one (same values).
+        self.unet.channels_last = self.vae.channels_last = True
 
     @property
     def device(self) -> torch.device:
@@ -163,16 +160,25 @@ class StableDiffusion(AddOns):
     def encode_sdxl_prompt(self, params: GenerationParams) -> SDXLConditioning:
         """SDXL's contexts and pooled embeddings for ``params``' prompts (``prompt_2`` /
         ``negative_prompt_2`` for the second tower, clip skip counted as in ``encode_prompt``), as
-        diffusers' ``encode_prompt``; the refiner reads ``prompt`` with its one tower (bigG)."""
-        if len(self._embedding_table):
-            raise ValueError("textual-inversion embeddings are not supported for SDXL yet")
+        diffusers' ``encode_prompt``; the refiner reads ``prompt`` with its one tower (bigG). Loaded
+        SDXL embeddings put their clip_l vectors into the first tower, clip_g into the second."""
 
         def skip(encoder: CLIPTextModel) -> int:
             return encoder.config.skip_layers + params.clip_skip - 1
 
+        def rows(encoder: CLIPTextModel, ids: torch.Tensor, fixes, second: bool) -> torch.Tensor | None:
+            return embed_tokens(encoder.embeddings.token_embedding, ids, fixes, second) if fixes else None
+
+        def encode_first(ids: torch.Tensor, fixes=()) -> torch.Tensor:
+            encoder = self.text_encoder
+            return encoder(ids, skip_layers=skip(encoder), token_embeds=rows(encoder, ids, fixes, False))
+
+        def encode_pooled(ids: torch.Tensor, fixes=()) -> tuple[torch.Tensor, torch.Tensor]:
+            return pooled.encode_pooled(ids, skip_layers=skip(pooled), token_embeds=rows(pooled, ids, fixes, True))
+
         pooled = self.text_encoder if self.text_encoder_2 is None else self.text_encoder_2
-        encode_pooled = lambda ids: pooled.encode_pooled(ids, skip_layers=skip(pooled))  # noqa: E731
         zeros = self.spec.force_zeros_for_empty_prompt
+        table = self._embedding_table if len(self._embedding_table) else None
         if self.text_encoder_2 is None:
             return encode_pooled_prompt(
                 self.tokenizer, encode_pooled, params.prompt, params.negative_prompt,
@@ -180,12 +186,13 @@ class StableDiffusion(AddOns):
             )  # fmt: skip
         return encode_sdxl_prompt(
             (self.tokenizer, self.tokenizer_2),
-            (lambda ids: self.text_encoder(ids, skip_layers=skip(self.text_encoder)), encode_pooled),
+            (encode_first, encode_pooled),
             params.prompt,
             params.negative_prompt,
             params.prompt_2,
             params.negative_prompt_2,
             force_zeros_for_empty_prompt=zeros,
+            embeddings=table,
             device=self.device,
         )
 
@@ -361,7 +368,10 @@ class StableDiffusion(AddOns):
             }
         else:
             cond, uncond = self.encode_prompt(params.prompt, params.negative_prompt, params.clip_skip)
-        plan = sampling_plan(params.sampler, self.noise_schedule(), params.steps, params.schedule)
+        # params.spacing: this generation's timestep spacing in place of the scheduler config's
+        plan = sampling_plan(
+            params.sampler, self.noise_schedule(), params.steps, params.schedule, spacing=params.spacing
+        )
         denoiser = Denoiser(
             self.unet, plan.schedule, self.spec.prediction_type, sigma_to_t=plan.sigma_to_t, net_dtype=self.dtype
         )

@@ -290,16 +290,15 @@ def encode_sdxl_chunks(
     chunks are encoded and weighted by ``encode_chunks`` (so emphasis rescales each encoder's output
     to its own mean, as A1111 does), then the two are concatenated along the width. The pooled
     embedding is ``encoder_2``'s for the first chunk, as the web UIs take it (diffusers reads one
-    chunk only); emphasis never touches it.
+    chunk only); emphasis never touches it. A chunk with textual-inversion embeddings is encoded as
+    ``encoder(ids, chunk.fixes)`` (``encode_chunks``), on each encoder.
     """
     if len(chunks) != len(chunks_2):
         raise ValueError(f"the two encoders need as many chunks: {len(chunks)} != {len(chunks_2)} (pad them first)")
-    if any(chunk.fixes for chunk in (*chunks, *chunks_2)):
-        raise ValueError("textual-inversion embeddings are not supported for SDXL yet")
     pooled: list[Tensor] = []
 
-    def second(ids: Tensor) -> Tensor:
-        z, p = encoder_2(ids)
+    def second(ids: Tensor, *fixes) -> Tensor:
+        z, p = encoder_2(ids, *fixes)
         pooled.append(p)
         return z
 
@@ -332,16 +331,15 @@ def encode_sdxl_prompt(
     ``force_zeros_for_empty_prompt`` (diffusers' SDXL pipeline flag, true in SDXL base's
     model_index.json; A1111 does the same for SDXL): when both negative prompts are empty, the
     negative context and pooled embedding are zeros instead of the encoding of "".
-    ``embeddings`` (textual inversion) are not supported for SDXL yet: passing a table is an error.
+    ``embeddings`` (textual inversion) are found in every prompt by each tokenizer alike; the
+    encoders then take ``(ids, fixes)`` for chunks that hold them (see ``encode_sdxl_chunks``).
     """
-    if embeddings is not None:
-        raise ValueError("textual-inversion embeddings are not supported for SDXL yet")
     tok, tok_2 = tokenizers
     texts = [(tok, prompt), (tok_2, prompt_2 or prompt)]
     zero_uncond = force_zeros_for_empty_prompt and negative_prompt == "" and not negative_prompt_2
     if not zero_uncond:
         texts += [(tok, negative_prompt), (tok_2, negative_prompt_2 or negative_prompt)]
-    lists = [tokenize_prompt(t, text, comma_backtrack=comma_backtrack) for t, text in texts]
+    lists = [tokenize_prompt(t, text, comma_backtrack=comma_backtrack, embeddings=embeddings) for t, text in texts]
     n = max(len(chunks) for chunks in lists)
     lists = [chunks + [chunks[0].blank()] * (n - len(chunks)) for chunks in lists]
     context, pooled = encode_sdxl_chunks(*encoders, lists[0], lists[1], device)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
+from stablediff.models.clip import CLIPTextConfig
 from stablediff.presets import ModelSpec, infer_text_config, infer_unet_config, infer_vae_config
+from stablediff.weights.convert import PROJECTION_KEY
 from stablediff.weights.io import CheckpointError
 
 SPEC_METADATA_KEY = "stablediff.spec"
@@ -37,7 +40,7 @@ _INFERRED_FIELDS = {
         "adm_in_channels",
     ),
     "vae": ("in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels"),
-    "text": ("vocab_size", "width", "layers", "mlp_ratio", "max_positions"),
+    "text": ("vocab_size", "width", "layers", "mlp_ratio", "max_positions", "projection_dim"),
 }
 
 
@@ -89,14 +92,17 @@ def check_values(spec: ModelSpec, source: object) -> None:
             )
 
 
-def check_fields(stored: object, found: object, network: str, source: object, seen_in: str) -> None:
-    """Every shape-determined field of ``stored`` (a network config from a spec) equals ``found``."""
+def check_fields(
+    stored: object, found: object, network: str, source: object, seen_in: str, field: str | None = None
+) -> None:
+    """Every shape-determined field of ``stored`` (a network config of kind ``network``: unet, vae,
+    text) equals ``found``; ``field`` is the spec's name for it in messages (default ``network``)."""
     for name in _INFERRED_FIELDS[network]:
         a, b = getattr(stored, name), getattr(found, name)
         if a != b:
             raise CheckpointError(
-                f"{source}: the stored model spec does not match the model: {network}.{name} is {a!r} in the "
-                f"spec but {b!r} in {seen_in}"
+                f"{source}: the stored model spec does not match the model: {field or network}.{name} is {a!r} "
+                f"in the spec but {b!r} in {seen_in}"
             )
 
 
@@ -107,15 +113,25 @@ def check_against_weights(spec: ModelSpec, sds: dict, source: object) -> None:
     here and strict loading still checks every key and shape against the spec.
     """
     inferers = {
-        "unet": lambda sd: infer_unet_config(sd, like=spec.unet),
-        "vae": lambda sd: infer_vae_config(sd, like=spec.vae),
-        "text": lambda sd: infer_text_config(sd, spec.text_format),
+        "unet": ("unet", lambda sd: infer_unet_config(sd, like=spec.unet)),
+        "vae": ("vae", lambda sd: infer_vae_config(sd, like=spec.vae)),
+        "text": ("text", lambda sd: infer_text_tower(sd, spec.text_format)),
+        # SDXL base's second tower is OpenCLIP bigG in every layout
+        "text_2": ("text", lambda sd: infer_text_tower(sd, "openclip")),
     }
-    for network, infer in inferers.items():
-        if not sds[network]:
-            continue  # strict loading names the missing keys
+    for network, (kind, infer) in inferers.items():
+        config = getattr(spec, network)
+        if config is None or not sds.get(network):
+            continue  # strict loading names the missing keys (or the unexpected tower)
         try:
             found = infer(sds[network])
         except (ValueError, KeyError, IndexError, StopIteration, ZeroDivisionError, TypeError):
             continue
-        check_fields(getattr(spec, network), found, network, source, "the weights")
+        check_fields(config, found, kind, source, "the weights", network)
+
+
+def infer_text_tower(sd: dict, text_format: str) -> CLIPTextConfig:
+    """presets.infer_text_config, with the width of a `text_projection` when the tower has one."""
+    config = infer_text_config(sd, text_format)
+    projection = sd.get(PROJECTION_KEY)
+    return config if projection is None else replace(config, projection_dim=int(projection.shape[0]))

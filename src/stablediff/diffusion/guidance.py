@@ -91,7 +91,6 @@ class CFGDenoiser:
             guided = rescale_guidance(guided, out_cond, self.rescale)
         return self.denoiser.output_to_x0(guided, x, sigma) if raw else guided
 
-
     def _shares_input(self) -> bool:
         """Whether the wrapped network takes one input row for several context rows."""
         return getattr(self.denoiser.net, "shares_input_rows", False)

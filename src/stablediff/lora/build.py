@@ -10,7 +10,8 @@ Targets are module names of a ``ModuleTable`` (our LDM names), chosen by what th
 - ``conv=True`` (LoCon, kohya's ``conv_dim``): also every module of the residual blocks and of the
   down- and up-samplers: 3x3 convolutions take the conv rank, the rest (1x1 skips, the time
   embedding's projection) the linear rank, as kohya does;
-- ``text=True``: the text encoder's ``q/k/v/out_proj`` and ``fc1``/``fc2`` in every layer.
+- ``text=True``: the text encoder's ``q/k/v/out_proj`` and ``fc1``/``fc2`` in every layer (SDXL
+  base: in both text encoders, as kohya's ``sdxl_train_network``).
 
 The input and output convolutions and the time embedding MLP are never adapted (nor by kohya).
 
@@ -52,7 +53,7 @@ def lora_targets(
         raise ValueError(f"LoRA targets {unet!r} is not one of {tuple(UNET_TARGETS)}")
     chosen = [("unet", n) for n in table.modules["unet"] if UNET_TARGETS[unet].search(n) or (conv and _CONV.search(n))]
     if text:
-        chosen += [("text", n) for n in table.modules["text"] if _TEXT.search(n)]
+        chosen += [(part, n) for part in ("text", "text_2") for n in table.modules.get(part, ()) if _TEXT.search(n)]
     return chosen
 
 

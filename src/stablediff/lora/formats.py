@@ -5,17 +5,20 @@ Formats are told apart by key names, never by the file name:
 - **kohya / AUTOMATIC1111** (and LyCORIS, which writes the same names): ``lora_unet_<module>.<tensor>``
   and ``lora_te_<module>.<tensor>``, the module path with its dots turned into underscores. Tensors:
   ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight`` (LoCon's CP middle), ``alpha``;
-  LoHa's ``hada_w1_a`` ... ``hada_t2``; LoKr's ``lokr_w1`` ... ``lokr_t2``. ``lora_te1_`` /
-  ``lora_te2_`` are SDXL's two text encoders.
-- **diffusers / PEFT**: ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight`` and
-  ``text_encoder.<transformers module>...``. Alphas come from the safetensors metadata
-  ``lora_adapter_metadata`` (PEFT's ``LoraConfig``: ``lora_alpha``, ``alpha_pattern``,
+  LoHa's ``hada_w1_a`` ... ``hada_t2``; LoKr's ``lokr_w1`` ... ``lokr_t2``. SDXL files (kohya's
+  ``sdxl_train_network``) have ``lora_te1_`` / ``lora_te2_`` for the two text encoders and name
+  U-Net modules as the original (SGM) checkpoint does (``lora_unet_input_blocks_4_1_...``).
+- **diffusers / PEFT**: ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight``,
+  ``text_encoder.<transformers module>...`` and, for SDXL, ``text_encoder_2.``. Alphas come from the
+  safetensors metadata ``lora_adapter_metadata`` (PEFT's ``LoraConfig``: ``lora_alpha``, ``alpha_pattern``,
   ``use_rslora``); without it the scale is 1, as diffusers loads such a file.
 - **diffusers before PEFT**: ``...attn1.processor.to_q_lora.down.weight``, ``...lora.down.weight``,
   ``...self_attn.to_q_lora.down.weight``, ``...mlp.fc1.lora_linear_layer.down.weight``.
 
 The result names modules as the file spells them; ``names.py`` matches them to the model.
-Nothing here computes with the tensors beyond checking that they are usable numbers.
+Nothing here computes with the tensors beyond checking that they are usable numbers. What the file
+says of its model family (``file_family``: SDXL's text-encoder prefixes, SD 1.x's ``lora_te_``,
+kohya's ``ss_base_model_version``) is checked against the model by ``load.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stablediff.errors import BadFileError, load_json
+from stablediff.errors import BadFileError, load_json, printable
 from stablediff.weights import convert
 from stablediff.weights.io import read_metadata, read_state_dict
 
@@ -68,9 +71,11 @@ _UNSUPPORTED = {
     "lokr_t1": "lokr_t1 is not part of LoKr as LyCORIS writes it",
 }
 _OTHER_NETWORKS = "LyCORIS full, IA3, OFT, GLoRA and norm networks are not supported (LoRA, LoCon, LoHa and LoKr are)"
-_PARTS = {"lora_unet_": "unet", "lora_te_": "text"}
-_DIFFUSERS_PARTS = {"unet.": "unet", "text_encoder.": "text"}
+# File prefix -> the part it adapts as the file means it: "text_2" is SDXL's second text encoder.
+_PARTS = {"lora_unet_": "unet", "lora_te_": "text", "lora_te1_": "text", "lora_te2_": "text_2"}
+_DIFFUSERS_PARTS = {"unet.": "unet", "text_encoder.": "text", "text_encoder_2.": "text_2"}
 _SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+_SD_PREFIXES = ("lora_te_",)  # kohya's one text encoder: SD 1.x / 2.x
 # Old `unet.save_attn_procs` files carry no `unet.` prefix.
 _BARE_UNET = ("down_blocks.", "mid_block.", "up_blocks.")
 _NEEDS = {
@@ -84,7 +89,7 @@ _KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 class ModuleEntry:
     """One adapted module as the file spells it, with its tensors by role (``down``, ``w1_a``...)."""
 
-    part: str  # "unet" | "text"
+    part: str  # "unet" | "text" | "text_2", as the file means it (names.py maps it to the model)
     name: str  # the module as the file names it, without the part prefix
     underscored: bool  # kohya spelling: the module path's dots became underscores
     label: str  # the module as written in the file (with its prefix), for messages
@@ -102,6 +107,8 @@ class ParsedLora:
     unusable_keys: int  # the keys behind those problems
     total_keys: int
     metadata: dict[str, str]
+    family: str | None = None  # "sdxl" | "sd" (SD 1.x/2.x) when the file says, else None
+    family_evidence: str = ""  # what says so, for messages
 
 
 def read_lora(path: str | os.PathLike) -> ParsedLora:
@@ -111,10 +118,7 @@ def read_lora(path: str | os.PathLike) -> ParsedLora:
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> ParsedLora:
-    """Group ``tensors`` by module; every key lands in an entry or in ``problems`` with a reason.
-
-    An SDXL file raises at once (one clear message rather than a problem per key)."""
-    _refuse_sdxl(tensors, metadata, where)
+    """Group ``tensors`` by module; every key lands in an entry or in ``problems`` with a reason."""
     entries: dict[tuple[str, str], ModuleEntry] = {}
     problems: list[tuple[str, str]] = []
     for key, tensor in tensors.items():
@@ -140,15 +144,23 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where
             unusable += len(entry.keys)
         else:
             good.append(entry)
-    return ParsedLora(good, problems, unusable, len(tensors), dict(metadata))
+    return ParsedLora(good, problems, unusable, len(tensors), dict(metadata), *file_family(tensors, metadata))
 
 
-def _refuse_sdxl(tensors: dict, metadata: dict[str, str], where: str) -> None:
-    sdxl_keys = [k for k in tensors if k.startswith(_SDXL_PREFIXES)]
+def file_family(tensors: dict, metadata: dict[str, str]) -> tuple[str | None, str]:
+    """("sdxl" | "sd" | None, the evidence): the model family a file names. Key prefixes decide
+    first (SDXL's ``lora_te1_`` / ``lora_te2_`` / ``text_encoder_2.``, SD's ``lora_te_``), kohya's
+    ``ss_base_model_version`` second; U-Net keys alone do not tell (both families use the names)."""
+    for family, prefixes in (("sdxl", _SDXL_PREFIXES), ("sd", _SD_PREFIXES)):
+        key = next((k for k in tensors if k.startswith(prefixes)), None)
+        if key is not None:
+            return family, f"keys such as {printable(key)[:100]!r}"
     version = metadata.get("ss_base_model_version", "")
-    if sdxl_keys or version.startswith("sdxl"):
-        why = f"keys such as {sdxl_keys[0]!r}" if sdxl_keys else f"ss_base_model_version = {version!r}"
-        raise LoraFileError(f"{where}: an SDXL LoRA ({why}); this model is SD 1.x/2.x, and SDXL is not supported yet")
+    if version.startswith("sdxl"):
+        return "sdxl", f"ss_base_model_version = {printable(version)[:40]!r}"
+    if version.startswith(("sd_v1", "sd_v2")):
+        return "sd", f"ss_base_model_version = {printable(version)[:40]!r}"
+    return None, ""
 
 
 def _split_key(key: str):
@@ -166,8 +178,8 @@ def _split_key(key: str):
     if key.startswith(_BARE_UNET):
         return _split_diffusers(key, key, "unet", "")
     return (
-        "not a LoRA key: known formats start with lora_unet_ / lora_te_ (kohya, A1111) "
-        "or unet. / text_encoder. (diffusers)"
+        "not a LoRA key: known formats start with lora_unet_ / lora_te_ / lora_te1_ / lora_te2_ (kohya, A1111) "
+        "or unet. / text_encoder. / text_encoder_2. (diffusers)"
     )
 
 

@@ -4,7 +4,9 @@ Strict (the default) means every key of the file is used: each one must belong t
 (``formats.py``) that names a real module of the model (``names.py``) with tensors of fitting
 shapes (``adapters.py``). Otherwise a ``LoraFileError`` lists the first ten unusable keys, each with
 its reason, and how many there are; nothing is applied. ``strict=False`` applies what fits and keeps
-the rest in ``network.skipped``. A file in which nothing fits is an error either way.
+the rest in ``network.skipped``. A file in which nothing fits is an error either way, and so is a
+file that names another model family than the model's (``formats.file_family``: an SDXL LoRA on
+SD 1.x/2.x, or the other way round), with one message.
 """
 
 from __future__ import annotations
@@ -35,18 +37,22 @@ def load_lora_network(
 def network_from_parsed(
     parsed: ParsedLora, table: ModuleTable, name: str, multiplier: float, strict: bool, where: str
 ) -> LoraNetwork:
+    _check_family(parsed, table, where)
     network = LoraNetwork(name, multiplier)
     problems, unusable = list(parsed.problems), parsed.unusable_keys
     for entry in parsed.entries:
-        ours, reason = table.resolve(entry.part, entry.name, entry.underscored)
+        part, reason = table.part(entry.part)
+        ours = None
+        if part is not None:
+            ours, reason = table.resolve(part, entry.name, entry.underscored)
         if ours is not None:
-            module = table.modules[entry.part][ours]
+            module = table.modules[part][ours]
             try:
-                network.add(entry.part, ours, build_adapter(entry, module))
+                network.add(part, ours, build_adapter(entry, module))
                 continue
             except Misfit as err:
                 in_width = _input_width(entry)
-                reason = f"{err}{table.family_hint(entry.part, ours, in_width) if in_width else ''}"
+                reason = f"{err}{table.family_hint(part, ours, in_width) if in_width else ''}"
         problems.append((entry.label, reason))
         unusable += len(entry.keys)
     total = parsed.total_keys
@@ -59,6 +65,20 @@ def network_from_parsed(
         raise LoraFileError(_message(head, problems, unusable, total))
     network.skipped = problems
     return network
+
+
+_FAMILY_NAMES = {"sdxl": "SDXL", "sd": "SD 1.x/2.x"}
+
+
+def _check_family(parsed: ParsedLora, table: ModuleTable, where: str) -> None:
+    """One clear error (rather than a problem per key) for a LoRA of the other model family."""
+    if parsed.family is None or parsed.family == table.family:
+        return
+    theirs, mine = _FAMILY_NAMES[parsed.family], _FAMILY_NAMES[table.family]
+    raise LoraFileError(
+        f"{where}: an {theirs} LoRA ({parsed.family_evidence}); this model is {mine}: "
+        f"an {theirs} LoRA applies to {theirs} models only"
+    )
 
 
 def _input_width(entry) -> int | None:

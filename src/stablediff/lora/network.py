@@ -60,8 +60,9 @@ class LoraNetwork(nn.Module):
         return [(_target(key), adapter) for key, adapter in self.adapters.items()]
 
     def multiplier_for(self, part: str) -> float:
-        """The weight of the adapters on ``part`` ("unet" or "text")."""
-        return self.text_multiplier if part == "text" and self.text_multiplier is not None else self.multiplier
+        """The weight of the adapters on ``part`` ("unet", "text" or SDXL's "text_2": both text
+        encoders take ``text_multiplier``)."""
+        return self.text_multiplier if part != "unet" and self.text_multiplier is not None else self.multiplier
 
     @property
     def attached(self) -> bool:

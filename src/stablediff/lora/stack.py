@@ -30,10 +30,10 @@ class LoraInfo(NamedTuple):
 
 
 class LoraStack:
-    """The named LoRAs of one U-Net and text encoder."""
+    """The named LoRAs of one U-Net and its text encoder(s) (SDXL base: two)."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
-        self.unet, self.text_encoder = unet, text_encoder
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module | None = None):
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
         self.networks: dict[str, LoraNetwork] = {}
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # weights as they were before fusing
         self._table: ModuleTable | None = None
@@ -41,7 +41,7 @@ class LoraStack:
     @property
     def table(self) -> ModuleTable:
         if self._table is None:
-            self._table = ModuleTable(self.unet, self.text_encoder)
+            self._table = ModuleTable(self.unet, self.text_encoder, self.text_encoder_2)
         return self._table
 
     @property

@@ -1,7 +1,9 @@
 """LoRA files out, in kohya's format (what AUTOMATIC1111, ComfyUI and diffusers all read).
 
 Keys are kohya's: ``lora_unet_<diffusers module path with _>`` (the spelling kohya's trainer uses
-for SD 1.x/2.x, and the one diffusers' converter understands) and ``lora_te_text_model_<...>``,
+for SD 1.x/2.x, and the one diffusers' converter understands) and ``lora_te_text_model_<...>``;
+for SDXL, as kohya's ``sdxl_train_network`` writes them, ``lora_unet_<original (SGM) module path>``
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), ``lora_te1_`` and ``lora_te2_``;
 each with ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` (LoHa and LoKr adapters keep their
 LyCORIS tensor names). The metadata is kohya's minimum: ``ss_network_module``, ``ss_network_dim``,
 ``ss_network_alpha``, ``ss_base_model_version``, ``ss_v2`` (how A1111 tells SD 2.x LoRAs apart)

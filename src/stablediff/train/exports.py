@@ -133,6 +133,9 @@ class FrozenParts:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     base: Any = None  # the StableDiffusion loaded from config.base, when one was
+    # SDXL base's second text encoder (bigG) and its tokenizer, from config.base; None otherwise
+    text_encoder_2: CLIPTextModel | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 def frozen_parts(config: TrainConfig, device: torch.device) -> FrozenParts:
@@ -145,9 +148,20 @@ def frozen_parts(config: TrainConfig, device: torch.device) -> FrozenParts:
       folder whose ``export/`` holds them, or a full model), else ``config.base``, else a random
       "tiny" one with the standard CLIP vocabulary;
     - tokenizer: ``config.tokenizer`` when given (a tokenizer folder, or a folder holding
-      ``tokenizer/``), else the text encoder's.
+      ``tokenizer/``), else the text encoder's;
+    - SDXL base: both text encoders and tokenizers come from ``config.base`` (``text`` and
+      ``tokenizer`` would replace one of two, and are refused).
     """
     base = load_model(config.base, device) if config.base else None
+    text_2 = tokenizer_2 = None
+    if base is not None and base.spec.is_sdxl:
+        given = [f"--{name}" for name in ("text", "tokenizer") if getattr(config, name)]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} cannot be used with the SDXL base {config.base!r}: its two text encoders "
+                "and tokenizers come from the base model"
+            )
+        text_2, tokenizer_2 = base.text_encoder_2, base.tokenizer_2
     tiny = PRESETS["tiny"]
     if config.vae:
         folder = find_export(config.vae, VAE_PART.file)
@@ -182,4 +196,6 @@ def frozen_parts(config: TrainConfig, device: torch.device) -> FrozenParts:
             f"{text.config.max_positions} positions"
         )
     vae, text = (freeze(m.to(device=device, dtype=torch.float32)) for m in (vae, text))
-    return FrozenParts(vae, text, tokenizer, base)
+    if text_2 is not None:
+        text_2 = freeze(text_2.to(device=device, dtype=torch.float32))
+    return FrozenParts(vae, text, tokenizer, base, text_2, tokenizer_2)

@@ -6,7 +6,7 @@
   held-out sets from ``TrainConfig.data``, with caption dropout where the U-Net needs it.
 """
 
-from stablediff.train.data.folder import CaptionedFolder
+from stablediff.train.data.folder import CaptionedFolder, ImageGeometry, item_geometry
 from stablediff.train.data.latent_cache import LatentCacheDataset, encode_latent_cache
 from stablediff.train.data.stage_data import (
     CaptionDropout,
@@ -20,11 +20,13 @@ from stablediff.train.data.stage_data import (
 __all__ = [
     "CaptionDropout",
     "CaptionedFolder",
+    "ImageGeometry",
     "LatentCacheDataset",
     "ShapesPairs",
     "caption_corpus",
     "captions_of",
     "encode_latent_cache",
     "image_text_data",
+    "item_geometry",
     "unet_data",
 ]

@@ -34,7 +34,9 @@ import json
 import logging
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -48,6 +50,21 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CROPS = ("center", "random")
 VERIFY = ("full", "header")
+
+
+class ImageGeometry(NamedTuple):
+    """Where a training image came from, for SDXL's micro-conditioning (Podell et al. 2023, 2.2):
+    the image's ``original_size`` (height, width) as loaded, before any resizing, and the top-left
+    corner (top, left) of the crop in the resized image as it is seen (after a flip, the crop's
+    place in the mirrored image, as diffusers' SDXL script flips before it crops)."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def item_geometry(item: Sequence) -> ImageGeometry | None:
+    """The `ImageGeometry` a dataset item ``(x, caption, ...)`` carries after its caption, else None."""
+    return next((e for e in item[2:] if isinstance(e, ImageGeometry)), None)
 
 
 def _check_image(path: Path, full: bool, min_side: int) -> tuple[str | None, tuple[int, int]]:
@@ -101,9 +118,11 @@ class CaptionedFolder:
     scaled to cover the bucket nearest its aspect ratio, ``buckets[item_buckets[i]]``, and
     cropped to it: ``[3, height, width]``, nothing but a sliver cut away. With ``flip``
     it is mirrored left-right half of the time; with probability ``caption_dropout`` the caption
-    is "" (for classifier-free guidance). The random choices of item ``i`` come from a generator
-    seeded by ``(seed, epoch, i)``: the same in any order and any worker; ``set_epoch`` changes
-    them between epochs (call it before each epoch's DataLoader iterator is created).
+    is "" (for classifier-free guidance). With ``geometry`` an item is ``(image, caption,
+    ImageGeometry)``: the original size and the crop, which SDXL is conditioned on. The random
+    choices of item ``i`` come from a generator seeded by ``(seed, epoch, i)``: the same in any
+    order and any worker; ``set_epoch`` changes them between epochs (call it before each epoch's
+    DataLoader iterator is created).
 
     Bad files are skipped, logged and listed in ``skipped``, or raise with ``strict``: see the
     module docstring for the policy and for ``verify``. (Decode failures found in DataLoader
@@ -122,6 +141,7 @@ class CaptionedFolder:
         verify: str = "full",
         min_side: int = 8,
         buckets: list[tuple[int, int]] | None = None,
+        geometry: bool = False,
     ):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
@@ -139,6 +159,7 @@ class CaptionedFolder:
         self.size, self.crop, self.flip, self.caption_dropout = size, crop, flip, caption_dropout
         self.strict, self.seed, self.verify, self.min_side = strict, seed, verify, min_side
         self.epoch = 0
+        self.geometry = geometry
         self.buckets = buckets
         self.item_buckets: list[int] | None = None  # with buckets: the bucket of each item
         self.skipped: list[tuple[Path, str]] = []
@@ -217,7 +238,7 @@ class CaptionedFolder:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | tuple[torch.Tensor, str, ImageGeometry]:
         if not -len(self.items) <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
         index %= len(self.items)
@@ -234,7 +255,7 @@ class CaptionedFolder:
             return self._transform(image, text, index)  # the random choices stay those of `index`
         raise ValueError(f"no image in {self.root} could be decoded")
 
-    def _transform(self, image: Image.Image, text: str, index: int) -> tuple[torch.Tensor, str]:
+    def _transform(self, image: Image.Image, text: str, index: int) -> tuple:  # as __getitem__
         # Always draw all four numbers, so switching one option off leaves the others unchanged.
         rng = random.Random(derive_seed(self.seed, self.epoch, index))
         u_x, u_y, u_flip, u_drop = rng.random(), rng.random(), rng.random(), rng.random()
@@ -252,7 +273,11 @@ class CaptionedFolder:
         else:
             left, top = int(u_x * (new[0] - target_w + 1)), int(u_y * (new[1] - target_h + 1))
         image = image.crop((left, top, left + target_w, top + target_h))
-        if self.flip and u_flip < 0.5:
+        flipped = self.flip and u_flip < 0.5
+        if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = new[0] - target_w - left  # the crop's place in the mirrored image
         caption = "" if u_drop < self.caption_dropout else text
+        if self.geometry:
+            return image_to_tensor(image)[0], caption, ImageGeometry((height, width), (top, left))
         return image_to_tensor(image)[0], caption

@@ -25,7 +25,7 @@ from stablediff.seeds import derive_seed
 from stablediff.shapes import ShapesDataset, caption_regions, shapes_captions
 from stablediff.train.config import TrainConfig
 from stablediff.train.data.buckets import bucket_shapes
-from stablediff.train.data.folder import CaptionedFolder
+from stablediff.train.data.folder import CaptionedFolder, item_geometry
 from stablediff.train.data.latent_cache import LatentCacheDataset
 from stablediff.train.grounding import item_regions
 from stablediff.train.order import set_epoch
@@ -57,9 +57,10 @@ class ShapesPairs(Dataset):
         return image_to_tensor(image)[0], text, regions
 
 
-def image_text_data(config: TrainConfig, regions: bool = False) -> tuple[Dataset, Dataset]:
+def image_text_data(config: TrainConfig, regions: bool = False, geometry: bool = False) -> tuple[Dataset, Dataset]:
     """(training set, held-out set) of (image, caption) pairs for `config.data`; `regions`: shapes
-    training items carry their grounding regions too (a latent cache stores them).
+    training items carry their grounding regions too (a latent cache stores them); `geometry`: a
+    folder's items carry their `ImageGeometry` too (SDXL's micro-conditioning).
 
     "shapes": an endless-looking stream of `shapes_size` scenes, and `eval_size` scenes of another
     seed. A folder: `hold_out`, the held-out items read with a centre crop and no flip.
@@ -80,6 +81,7 @@ def image_text_data(config: TrainConfig, regions: bool = False) -> tuple[Dataset
         buckets=bucket_shapes(config.resolution, config.bucket_step, config.bucket_max_aspect)
         if config.buckets
         else None,
+        geometry=geometry,
     )
     plain = copy.copy(folder)  # the same verified items, read without augmentation (square centre crops)
     plain.crop, plain.flip, plain.item_buckets = "center", False, None
@@ -101,8 +103,10 @@ def hold_out(data: Dataset, plain: Dataset, config: TrainConfig) -> tuple[Datase
 
 
 class CaptionDropout(Dataset):
-    """(x, caption) items with the caption replaced by "" with probability `p`, drawn from a
-    generator seeded by (seed, epoch, index): classifier-free guidance needs the unconditional case."""
+    """(x, caption[, regions][, geometry]) items with the caption replaced by "" with probability `p`,
+    drawn from a generator seeded by (seed, epoch, index): classifier-free guidance needs the
+    unconditional case. Grounding regions and an `ImageGeometry` are kept (anything else after the
+    caption is not); SDXL's two text encoders both read the one caption, so both lose it."""
 
     def __init__(self, dataset: Dataset, p: float, seed: int):
         self.dataset, self.p, self.seed, self.epoch = dataset, p, seed, 0
@@ -116,10 +120,10 @@ class CaptionDropout(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index]
-        (x, text), regions = item[:2], item_regions(item)
+        (x, text), regions, geometry = item[:2], item_regions(item), item_geometry(item)
         if random.Random(derive_seed(self.seed, "caption-dropout", self.epoch, index)).random() < self.p:
             text, regions = "", [] if regions is not None else None  # an empty caption grounds nothing
-        return (x, text) if regions is None else (x, text, regions)
+        return (x, text, *(extra for extra in (regions, geometry) if extra is not None))
 
 
 def captions_of(dataset: Any) -> list[str]:
@@ -152,8 +156,10 @@ def latent_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Datas
     return hold_out(cache, plain, config)
 
 
-def unet_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset, bool]:
-    """(training set with caption dropout, held-out set, whether items are latents)."""
+def unet_data(config: TrainConfig, vae: AutoencoderKL, geometry: bool = False) -> tuple[Dataset, Dataset, bool]:
+    """(training set with caption dropout, held-out set, whether items are latents). `geometry`
+    (SDXL): folder items carry their original size and crop (`ImageGeometry`); a latent cache, which
+    keeps neither, is refused."""
     if not config.data:
         raise ValueError("--data is required: a captioned image folder, a latent cache (.safetensors) or 'shapes'")
     path = Path(config.data)
@@ -163,6 +169,11 @@ def unet_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset
             "a latent cache file or 'shapes')"
         )
     latents = path.is_file()
+    if geometry and latents:
+        raise ValueError(
+            f"an SDXL model is conditioned on each image's original size and crop, which the latent cache "
+            f"{config.data!r} does not keep: train on the captioned image folder itself"
+        )
     if config.buckets and (latents or config.data == "shapes"):
         raise ValueError(
             f"buckets needs a captioned image folder as --data (images of many aspect ratios); {config.data!r} "
@@ -173,7 +184,9 @@ def unet_data(config: TrainConfig, vae: AutoencoderKL) -> tuple[Dataset, Dataset
             f"grounding_weight needs captions with grounding regions: --data shapes or a latent cache "
             f"that stores them; the captioned folder {config.data!r} has none"
         )
-    train, held = latent_data(config, vae) if latents else image_text_data(config, config.grounding_weight > 0)
+    train, held = (
+        latent_data(config, vae) if latents else image_text_data(config, config.grounding_weight > 0, geometry)
+    )
     if len(train) == 0:
         raise ValueError(f"training data {config.data!r} is empty")
     return CaptionDropout(train, config.caption_dropout, config.seed), held, latents

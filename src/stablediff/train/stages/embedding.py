@@ -75,6 +75,11 @@ class EmbeddingStage(AddonStage):
 
     def make_addon(self, unet: UNetModel) -> EmbeddingVectors:
         c = self.config
+        if self.sdxl is not None:
+            raise ValueError(
+                f"the embedding stage does not train SDXL embeddings yet (--base {Path(c.base).name!r} is SDXL); "
+                "SDXL embeddings made elsewhere load with pipe.load_embedding"
+            )
         check_token(c.token, self.tokenizer)  # ValueError: an ordinary word, brackets, spaces...
         ids = self.tokenizer.encode(c.init_word)
         if not ids:

@@ -6,6 +6,13 @@ new `LoraNetwork` and nothing else, so checkpoints, the optimizer, the EMA and D
 adapters. Its forward takes the frozen networks as arguments and runs them with its adapters hooked
 on (`LoraSlot`), so the loss, held-out evaluation and sample grids are the U-Net stage's own code.
 The network starts adding exactly nothing (``up`` = 0, `lora.build`), seeded from ``config.seed``.
+Text-encoder layers the model never reads (those a text encoder's ``skip_layers`` leaves out, when
+its pooled output is not used either: SD 2.x's, SDXL's CLIP-L last layer) are not adapted: a LoRA
+there could neither learn nor change an image.
+
+SDXL base: the U-Net is conditioned as `train.sdxl` says; ``lora_text_encoder`` adapts both text
+encoders, and the file has kohya's SDXL names (``lora_unet_input_blocks_...``, ``lora_te1_``,
+``lora_te2_``, ``ss_base_model_version`` = ``sdxl_base_v1-0``).
 
 Export: ``lora.safetensors`` in kohya's format (`save_lora_kohya`: what A1111, ComfyUI, diffusers'
 ``load_lora_weights`` and ``pipe.load_lora`` read), float32, with kohya's ``ss_*`` metadata, the
@@ -23,6 +30,7 @@ import torch
 from torch import nn
 
 from stablediff.lora import LoraNetwork, ModuleTable, lora_targets, new_lora_network, save_lora_kohya
+from stablediff.models.clip import CLIPTextModel
 from stablediff.models.unet import UNetModel
 from stablediff.seeds import derive_seed
 from stablediff.train.distributed import unwrap
@@ -67,14 +75,17 @@ class HookedLora(nn.Module):
         self,
         slot: LoraSlot,
         unet: UNetModel,
-        text_encoder: nn.Module,
+        text_encoder: Any,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        condition: torch.Tensor,
+        condition: Any,
     ) -> torch.Tensor:
         """``unet(x_t, t, context)`` with this LoRA; ``condition`` is the context, or the token ids
-        when the LoRA adapts the text encoder too."""
+        when the LoRA adapts the text encoder too. SDXL: ``text_encoder`` is the `SDXLText`
+        conditioner and ``condition`` a dict, the U-Net's keyword arguments or its inputs."""
         slot.use(self.network)
+        if isinstance(condition, dict):
+            return unet(x_t, t, **(text_encoder(condition) if "ids" in condition else condition))
         context = condition if condition.is_floating_point() else text_encoder(condition)
         return unet(x_t, t, context)
 
@@ -84,9 +95,10 @@ class LoraStage(AddonStage):
 
     def make_addon(self, unet: UNetModel) -> HookedLora:
         c = self.config
-        self.table = ModuleTable(unet, self.text_encoder)
+        self.table = ModuleTable(unet, self.text_encoder, self.text_encoder_2)
         self.slot = LoraSlot(self.table)
         targets = lora_targets(self.table, c.lora_targets, text=c.lora_text_encoder, conv=c.lora_conv_rank > 0)
+        targets = [(part, name) for part, name in targets if self._read_by_model(part, name)]
         network = new_lora_network(
             self.table,
             Path(c.out).name or "lora",
@@ -101,12 +113,25 @@ class LoraStage(AddonStage):
         logger.info("LoRA: %d modules, %d parameters", len(network.adapters), count)
         return HookedLora(network)
 
+    def _read_by_model(self, part: str, name: str) -> bool:
+        """False for a text-encoder module in a layer whose output the model never reads."""
+        if part == "unet" or not name.startswith("encoder.layers."):
+            return True
+        encoder: CLIPTextModel = self.text_encoder if part == "text" else self.text_encoder_2
+        pooled = encoder is self.text_encoder_2  # SDXL's bigG: its pooled output reads the last layer
+        cfg = encoder.config
+        return pooled or int(name.split(".")[2]) < cfg.layers - cfg.skip_layers
+
     def _condition(self, batch: dict) -> Any:
+        if self.sdxl is not None:  # the token ids (and time ids) when the text encoders are adapted
+            inputs = self._sdxl_inputs(batch)
+            return inputs if self.config.lora_text_encoder else self.sdxl(inputs)
         ids = batch["ids"].to(self.device, non_blocking=True)
         return ids if self.config.lora_text_encoder else self.text_encoder(ids)
 
     def _predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
-        return model(self.slot, self.unet, self.text_encoder, x_t, t, condition)
+        text = self.text_encoder if self.sdxl is None else self.sdxl
+        return model(self.slot, self.unet, text, x_t, t, condition)
 
     def pipeline(self, model: nn.Module):
         """The base model with `model`'s LoRA hooked on (until the next training step)."""

@@ -8,6 +8,10 @@ of the VAE posterior, or of a latent cache), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`
 Salimans & Ho 2022), optionally weighted per sample by Min-SNR-gamma (Hang et al. 2023). Every
 random number comes from the trainer's generator, so runs and resumes are exact.
 
+SDXL (a ``--base`` whose U-Net takes ``y``; finetune and the add-on stages): the U-Net is
+conditioned as `train.sdxl` says, on both text encoders and each image's original size, crop and
+target size (folder items carry their `ImageGeometry`).
+
 Export: one single-file model (``model.safetensors``: U-Net, VAE, text encoder, the spec and
 the training config in its metadata; a trained vocabulary travels in the metadata too) that
 ``load_pipeline`` reads, and the tokenizer folder next to it.
@@ -40,6 +44,7 @@ from stablediff.train.data.stage_data import captions_of, unet_data
 from stablediff.train.distributed import rank_randn, rank_rows, unwrap
 from stablediff.train.exports import MODEL_FILE, TOKENIZER_DIR, TRAIN_CONFIG_KEY, frozen_parts
 from stablediff.train.grounding import cross_attention_maps, grounding_loss, item_regions, token_boxes
+from stablediff.train.sdxl import INPUTS, SDXLText, batch_time_ids
 from stablediff.train.stage import Stage
 from stablediff.weights.io import atomic_write_bytes
 
@@ -114,9 +119,11 @@ class UNetStage(Stage):
         super().__init__(config, device)
         parts = frozen_parts(config, device)
         self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
+        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
         self.base = parts.base
+        self.sdxl = self._sdxl_conditioning()
         self.unet = self._initial_unet().to(device=device, dtype=torch.float32).train()  # bad options fail here
-        self._train, self._held, self.latents = unet_data(config, self.vae)
+        self._train, self._held, self.latents = unet_data(config, self.vae, geometry=self.sdxl is not None)
         self.model: nn.Module = self.unet
         if config.train_text_encoder:
             self.text_encoder.requires_grad_(True)
@@ -124,10 +131,31 @@ class UNetStage(Stage):
         self.noise = NoiseSchedule(self._schedule_config())
         self.alphas_cumprod = self.noise.alphas_cumprod.to(torch.float32)
 
+    def _sdxl_conditioning(self) -> SDXLText | None:
+        """SDXL's conditioner when `config.base` is SDXL base (None otherwise); what is not supported
+        on SDXL yet fails here, before any data is read."""
+        if self.base is None or not self.base.spec.is_sdxl:
+            return None
+        c, refused = self.config, []
+        if self.text_encoder_2 is None:
+            refused.append("an SDXL refiner as --base (it is conditioned on aesthetic scores)")
+        if c.train_text_encoder:
+            refused.append("train_text_encoder (train LoRAs on both text encoders with lora_text_encoder instead)")
+        if c.grounding_weight:
+            refused.append("grounding_weight")
+        if refused:
+            raise ValueError(f"not supported with an SDXL base yet: {'; '.join(refused)}")
+        return SDXLText(self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2)
+
     # -----------------------------------------------------------------------------------------
     def _initial_unet(self) -> UNetModel:
         """A fresh U-Net of `config.model`'s size, PyTorch default initialisation from `config.seed`
         (the same weights in every process)."""
+        if self.sdxl is not None:
+            raise ValueError(
+                f"the {self.name} stage trains a new U-Net; to train on the SDXL base {self.config.base!r} "
+                "use the finetune or lora stage"
+            )
         z = self.vae.config.z_channels
         cfg = dataclasses.replace(
             unet_size(self.config.model), in_channels=z, out_channels=z, context_dim=self.text_encoder.config.width
@@ -141,9 +169,19 @@ class UNetStage(Stage):
 
     def spec(self) -> ModelSpec:
         """The ModelSpec of the model being trained (schedule facts from the base model, if any)."""
+        name = f"stablediff-{self.config.stage}-{self.config.model}"
+        if self.sdxl is not None:  # everything but the U-Net, the prediction and the size is the base's
+            return dataclasses.replace(
+                self.base.spec,
+                name=name,
+                unet=self.unet.config,
+                vae=self.vae.config,
+                prediction_type=self.config.prediction_type,
+                default_size=self.config.resolution,
+            )
         s = self.base.spec if self.base is not None else ModelSpec("schedule")
         return ModelSpec(
-            name=f"stablediff-{self.config.stage}-{self.config.model}",
+            name=name,
             unet=self.unet.config,
             vae=self.vae.config,
             text=self.text_encoder.config,
@@ -162,11 +200,13 @@ class UNetStage(Stage):
 
     def collate(self, items: list[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
         """(image [3, S, S] or latent [z, h, w], caption[, regions]) items -> {"x": [B, ...], "ids":
-        [B, L] token ids}, and with regions "boxes" [B, L, 4] and "grounded" [B, L] (`token_boxes`)."""
-        batch = {
-            "x": torch.stack([item[0] for item in items]),
-            "ids": torch.tensor(self.tokenizer([item[1] for item in items]), dtype=torch.long),
-        }
+        [B, L] token ids}, and with regions "boxes" [B, L, 4] and "grounded" [B, L] (`token_boxes`);
+        SDXL: also "ids_2" (the second tokenizer's) and "time_ids" [B, 6] (`batch_time_ids`)."""
+        captions = [item[1] for item in items]
+        batch = {"x": torch.stack([item[0] for item in items])}
+        if self.sdxl is not None:
+            return {**batch, **self.sdxl.tokenize(captions), "time_ids": batch_time_ids(items)}
+        batch["ids"] = torch.tensor(self.tokenizer(captions), dtype=torch.long)
         regions = [item_regions(item) for item in items]
         if all(r is not None for r in regions):
             boxes = [token_boxes(self.tokenizer, item[1], r) for item, r in zip(items, regions, strict=True)]
@@ -197,12 +237,20 @@ class UNetStage(Stage):
 
     def _condition(self, batch: dict) -> Any:
         """What `_predict` conditions on (computed without gradients): the frozen text encoder's
-        context, or the token ids when the text encoder trains too."""
+        context, or the token ids when the text encoder trains too; SDXL: the U-Net's keyword
+        arguments {"context", "y"}."""
+        if self.sdxl is not None:
+            return self.sdxl(self._sdxl_inputs(batch))
         ids = batch["ids"].to(self.device, non_blocking=True)
         return ids if self.config.train_text_encoder else self.text_encoder(ids)
 
+    def _sdxl_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {key: batch[key].to(self.device, non_blocking=True) for key in INPUTS}
+
     def _predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
         """The trained network's prediction (eps, v or x0) for `x_t` at float timesteps `t`."""
+        if isinstance(condition, dict):  # SDXL: context and y
+            return model(x_t, t, **condition)
         return model(x_t, t, condition)
 
     def _loss(
@@ -263,7 +311,14 @@ class UNetStage(Stage):
         net = unwrap(model)
         if isinstance(net, TextConditionedUNet):
             return StableDiffusion(net["unet"], self.vae, net["text_encoder"], self.tokenizer, self.spec())
-        return StableDiffusion(net, self.vae, self.text_encoder, self.tokenizer, self.spec())
+        return self._pipeline_of(net)
+
+    def _pipeline_of(self, unet: UNetModel) -> StableDiffusion:
+        """A StableDiffusion of `unet` and the frozen parts (SDXL: both text encoders)."""
+        return StableDiffusion(
+            unet, self.vae, self.text_encoder, self.tokenizer, self.spec(),
+            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+        )  # fmt: skip
 
     def grid_prompts(self) -> list[str]:
         """The sample grid's prompts (`sample_prompts`)."""
@@ -326,10 +381,10 @@ class FinetuneStage(UNetStage):
 
     def _initial_unet(self) -> UNetModel:
         unet = self.base.unet
-        if unet.config.context_dim != self.text_encoder.config.width:
+        width = sum(e.config.width for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+        if unet.config.context_dim != width:
             raise ValueError(
-                f"the base U-Net attends to {unet.config.context_dim}-wide text, the text encoder "
-                f"gives {self.text_encoder.config.width}"
+                f"the base U-Net attends to {unet.config.context_dim}-wide text, the text encoder gives {width}"
             )
         if self.base.spec.prediction_type != self.config.prediction_type:
             logger.warning(
@@ -377,7 +432,7 @@ class AddonStage(FinetuneStage):
 
     def base_pipeline(self) -> StableDiffusion:
         """The frozen base model as a pipeline (sample grids add the add-on to it)."""
-        return StableDiffusion(self.unet, self.vae, self.text_encoder, self.tokenizer, self.spec())
+        return self._pipeline_of(self.unet)
 
     def shared_config(self) -> str:
         """The training config for an exported file's metadata, every path reduced to its last
