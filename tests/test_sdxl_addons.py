@@ -21,9 +21,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from reference import _randomize
-from test_sdxl_pipeline import SDXL_SCHEDULER, _hf_tokenizer, _save, _vae
-from test_sdxl_unet import TINY_BASE
+from test_sdxl_pipeline import SDXL_SCHEDULER, _save, tiny_xl_pipeline
 
 from stablediff.errors import BadFileError
 from stablediff.loading import load_pipeline
@@ -69,22 +67,9 @@ def xl(tmp_path_factory):
 
 def build_xl(tmp):
     """(diffusers' StableDiffusionXLPipeline, its folder `tmp/base`, ours loaded from the folder)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
 
-    nets = [UNet2DConditionModel(**TINY_BASE, sample_size=32).eval(), _vae(), _text(32, None), _text(32, 32)]
-    for i, net in enumerate(nets):
-        _randomize(net, 50 + i)
-    unet, vae, text, text_2 = nets
-    reference = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text,
-        text_encoder_2=text_2,
-        tokenizer=_hf_tokenizer(tmp / "tok", "<|endoftext|>"),
-        tokenizer_2=_hf_tokenizer(tmp / "tok_2", "!"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
-        force_zeros_for_empty_prompt=True,
-    )
+    reference = tiny_xl_pipeline(tmp, EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), 50, _text)
     folder = _save(reference, tmp / "base")
     return reference, folder, load_pipeline(folder)
 

@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import _randomize
-from test_sdxl_pipeline import SDXL_SCHEDULER, _compare, _hf_tokenizer, _text, _vae
-from test_sdxl_unet import TINY_BASE
+from test_sdxl_pipeline import SDXL_SCHEDULER, _compare, tiny_xl_pipeline
 
 from stablediff.cli import main
 from stablediff.cli_sdxl import refiner_choice
@@ -55,23 +53,10 @@ def pixels(path) -> np.ndarray:
 def folders(tmp_path_factory):
     """{"leading": (diffusers pipeline, folder), "turbo": (...)}: one tiny SDXL base, two scheduler
     configs (the diffusers pipeline is shared: each test sets its scheduler)."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerAncestralDiscreteScheduler
 
     tmp = tmp_path_factory.mktemp("sdxl_cli")
-    nets = [UNet2DConditionModel(**TINY_BASE, sample_size=32).eval(), _vae(), _text(32, None), _text(32, 32)]
-    for i, net in enumerate(nets):
-        _randomize(net, 60 + i)
-    unet, vae, text, text_2 = nets
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text,
-        text_encoder_2=text_2,
-        tokenizer=_hf_tokenizer(tmp / "tok", "<|endoftext|>"),
-        tokenizer_2=_hf_tokenizer(tmp / "tok_2", "!"),
-        unet=unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER),
-        force_zeros_for_empty_prompt=True,
-    )
+    pipe = tiny_xl_pipeline(tmp, EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER), 60)
     out = {}
     for name, config in (("leading", SDXL_SCHEDULER), ("turbo", TURBO_SCHEDULER)):
         pipe.save_pretrained(tmp / name)

@@ -84,23 +84,18 @@ def _save(pipe, folder):
     return folder
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """{"base": (diffusers pipeline, folder, ours), "refiner": (...)}."""
-    from diffusers import (
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+def tiny_xl_pipeline(tmp, scheduler, seed: int, text=None):
+    """diffusers' StableDiffusionXLPipeline of tiny random networks (seeds ``seed``, ``seed + 1``, ...)
+    with our test tokenizers written under ``tmp``; ``text(width, projection)`` builds the text
+    towers (default ``_text``)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    tmp = tmp_path_factory.mktemp("sdxl")
-    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
-    nets = [UNet2DConditionModel(**TINY_BASE, sample_size=32).eval(), _vae(), _text(32, None), _text(32, 32)]
+    text = text or _text
+    nets = [UNet2DConditionModel(**TINY_BASE, sample_size=32).eval(), _vae(), text(32, None), text(32, 32)]
     for i, net in enumerate(nets):
-        _randomize(net, 30 + i)
+        _randomize(net, seed + i)
     unet, vae, text, text_2 = nets
-    base = StableDiffusionXLPipeline(
+    return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text,
         text_encoder_2=text_2,
@@ -110,6 +105,17 @@ def models(tmp_path_factory):
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{"base": (diffusers pipeline, folder, ours), "refiner": (...)}."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    tmp = tmp_path_factory.mktemp("sdxl")
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    base = tiny_xl_pipeline(tmp, scheduler, 30)
+    vae = base.vae
     refiner_nets = [UNet2DConditionModel(**TINY_REFINER, sample_size=32).eval(), _text(48, 40)]
     for i, net in enumerate(refiner_nets):
         _randomize(net, 40 + i)
