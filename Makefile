@@ -42,7 +42,7 @@ eval: setup
 # cores; run it with nothing else on the machine. Results in benchmarks/results/.
 bench: setup
 	$(PY) benchmarks/cpu_generate.py
-	$(PY) benchmarks/peak_rss.py
+	$(PY) benchmarks/peak_rss.py --cases 512,512-diffusers,1024,1024-diffusers
 
 # The linter and the formatter's check over every Python file (CI runs it before the tests).
 lint: setup
