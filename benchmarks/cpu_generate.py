@@ -49,11 +49,15 @@ def touch_memory(gib: float = 8.0) -> None:
 
 
 def alternate(runs: dict, repeats: int, warm: bool = True) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls alternating; one untimed warm-up call each first."""
+    """Seconds per call of each function, calls alternating; a warm-up call of each first, its time
+    under "first call NAME" (a compiled U-Net compiles there)."""
+    times: dict[str, list[float]] = {}
     if warm:
-        for fn in runs.values():
+        for who, fn in runs.items():
+            start = time.perf_counter()
             fn()
-    times: dict[str, list[float]] = {who: [] for who in runs}
+            times[f"first call {who}"] = [time.perf_counter() - start]
+    times |= {who: [] for who in runs}
     for _ in range(repeats):
         for who, fn in runs.items():
             start = time.perf_counter()
@@ -67,6 +71,10 @@ def summary(part: str, dtype: str, times: dict[str, list[float]], **extra) -> di
     row = {"part": part, "dtype": dtype, "ours_s": ours, "diffusers_s": ref, "speedup": ref / ours, **extra}
     row["times"] = times
     print(f"{part} {dtype}: ours {ours:.2f} s, diffusers {ref:.2f} s, diffusers/ours {ref / ours:.3f}", flush=True)
+    if "ours compiled" in times:
+        compiled, first = statistics.median(times["ours compiled"]), times["first call ours compiled"][0]
+        row |= {"compiled_s": compiled, "compiled_speedup": ref / compiled, "compiled_first_call_s": first}
+        print(f"  compiled: {compiled:.2f} s, diffusers/compiled {ref / compiled:.3f}, first call {first:.1f} s")
     return row
 
 
@@ -89,7 +97,7 @@ def load_both(folder: Path, dtype: torch.dtype, without: set[str]):
 
 
 @torch.no_grad()
-def unet_calls(ours, ref, size: int, dtype: torch.dtype, repeats: int) -> dict[str, list[float]]:
+def unet_calls(ours, ref, size: int, dtype: torch.dtype, repeats: int, compiled=None) -> dict[str, list[float]]:
     g = torch.Generator().manual_seed(0)
     side = size // 8
     x = torch.randn(1, 4, side, side, generator=g)
@@ -97,7 +105,9 @@ def unet_calls(ours, ref, size: int, dtype: torch.dtype, repeats: int) -> dict[s
     uncond = torch.randn(1, 77, ours.spec.unet.context_dim, generator=g)
     schedule = ours.noise_schedule()
     sigma = torch.tensor([5.0])
-    guided = CFGDenoiser(Denoiser(ours.unet, schedule, net_dtype=dtype), 7.5)
+    guided, fast = (
+        CFGDenoiser(Denoiser(p.unet, schedule, net_dtype=dtype), 7.5) if p else None for p in (ours, compiled)
+    )
     t = schedule.sigma_to_t(sigma)
     scale = 1 / (sigma**2 + 1) ** 0.5
 
@@ -110,7 +120,10 @@ def unet_calls(ours, ref, size: int, dtype: torch.dtype, repeats: int) -> dict[s
         out_uncond, out_cond = out.float().chunk(2)
         return out_uncond + 7.5 * (out_cond - out_uncond)
 
-    return alternate({"ours": run_ours, "diffusers": run_ref}, repeats)
+    runs = {"ours": run_ours, "diffusers": run_ref}
+    if fast:
+        runs["ours compiled"] = lambda: fast(x, sigma, context=cond, uncond_context=uncond)
+    return alternate(runs, repeats)
 
 
 @torch.no_grad()
@@ -123,7 +136,7 @@ def vae_decodes(ours, ref, size: int, dtype: torch.dtype, repeats: int) -> dict[
     return alternate(runs, repeats)
 
 
-def images(ours, ref, size: int, steps: int, repeats: int):
+def images(ours, ref, size: int, steps: int, repeats: int, compiled=None):
     params = GenerationParams(
         PROMPT, width=size, height=size, steps=steps, sampler="dpmpp_2m", guidance_scale=7.5, seed=0
     )
@@ -141,7 +154,14 @@ def images(ours, ref, size: int, steps: int, repeats: int):
     # Warm-up: a 2-step image of each (kernels set up, weights paged in), cheaper than a whole one.
     ours.generate(replace(params, steps=2))
     ref(PROMPT, height=size, width=size, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
-    return alternate({"ours": run_ours, "diffusers": run_ref}, repeats, warm=False), out
+    runs = {"ours": run_ours, "diffusers": run_ref}
+    first = {}
+    if compiled:
+        start = time.perf_counter()
+        compiled.generate(replace(params, steps=2))  # compiles
+        first["first call ours compiled"] = [time.perf_counter() - start]
+        runs["ours compiled"] = lambda: out.__setitem__("ours compiled", compiled.generate(params)[0])
+    return first | alternate(runs, repeats, warm=False), out
 
 
 def pixel_distance(a, b) -> dict:
@@ -160,6 +180,7 @@ def main() -> None:
     parser.add_argument("--image-repeats", type=int, default=1, help="timed whole images of each")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--without", default="", help="ours without: channels-last,shared-input (to measure each)")
+    parser.add_argument("--compile", action="store_true", help="also our pipeline with a compiled U-Net")
     parser.add_argument("--out", default="benchmarks/results/cpu_generate.json")
     args = parser.parse_args()
     import diffusers
@@ -172,14 +193,16 @@ def main() -> None:
         for name in args.dtypes.split(","):
             dtype = DTYPES[name]
             ours, ref = load_both(folder, dtype, set(filter(None, args.without.split(","))))
+            compiled = load_pipeline(folder, dtype=dtype).compile() if args.compile else None
             if "unet" in parts:
-                rows.append(summary("unet", name, unet_calls(ours, ref, args.size, dtype, args.repeats)))
+                times = unet_calls(ours, ref, args.size, dtype, args.repeats, compiled)
+                rows.append(summary("unet", name, times))
             if "vae" in parts:
                 rows.append(summary("vae", name, vae_decodes(ours, ref, args.size, dtype, args.repeats)))
             if "image" in parts:
-                times, pictures[name] = images(ours, ref, args.size, args.steps, args.image_repeats)
+                times, pictures[name] = images(ours, ref, args.size, args.steps, args.image_repeats, compiled)
                 rows.append(summary("image", name, times))
-            del ours, ref
+            del ours, ref, compiled
     if "float32" in pictures:  # every image against our float32 image
         reference = pictures["float32"]["ours"]
         for row in rows:
@@ -199,6 +222,7 @@ def main() -> None:
         "size": args.size,
         "steps": args.steps,
         "ours_without": args.without,
+        "compiled": args.compile,
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from stablediff.compiled import is_compiled
 from stablediff.embeddings import Embedding, EmbeddingTable
 from stablediff.lora import LoraInfo, LoraStack, save_lora_kohya
 from stablediff.lora.tags import find_lora, parse_lora_tags
@@ -88,7 +89,12 @@ class AddOns:
         """Apply a LoRA file (kohya/A1111, LyCORIS LoHa/LoKr, diffusers/PEFT; SD 1.x/2.x or SDXL, as the
         model is) with `scale`; returns its name (default: the file's stem). Strict: a key that fits no
         module is a BadFileError naming it, and nothing is applied; strict=False applies what fits."""
+        self._refuse_if_compiled(path)
         return self._loras().load(path, scale, name, strict)
+
+    def _refuse_if_compiled(self, lora: object) -> None:
+        if is_compiled(self.unet):
+            raise ValueError(f"cannot apply LoRA {str(lora)!r}: the U-Net is compiled (compile()), its weights frozen")
 
     def set_lora_scale(self, name: str, scale: float, text_scale: float | None = None) -> None:
         """The LoRA's weight (`text_scale`: another one for its text-encoder part, as A1111's te=)."""
@@ -127,6 +133,7 @@ class AddOns:
                     network = stack.get(tag.name)
                     previous[tag.name] = (network.multiplier, network.text_multiplier)
                 else:
+                    self._refuse_if_compiled(tag.name)
                     added.append(stack.load(find_lora(tag.name, self.lora_dir), tag.unet, tag.name))
                 stack.set_scale(tag.name, tag.unet, tag.text)
             named = {tag.name for tag in tags}

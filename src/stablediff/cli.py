@@ -234,6 +234,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refined = load_pipeline(refiner, device=args.device, dtype=DTYPES[args.dtype]) if refiner else None
     apply_addons(pipe, args, stored_loras)
     pipe.vae_tiling = args.vae_tiling
+    if args.compile:
+        for each in (pipe, refined) if refined else (pipe,):
+            each.compile()
     if not known and _check_run(args, pipe.spec, values, loaded=True, refiner=refined and refined.spec):
         return 0
     # Without --width/--height, the model's own image size (512 for SD 1.x, 64 for the bundled model):
@@ -306,6 +309,8 @@ def cmd_prompt_list(args: argparse.Namespace) -> int:
     check_sdxl_options(args, pipe.spec, None)
     apply_addons(pipe, args)
     pipe.vae_tiling = args.vae_tiling
+    if args.compile:
+        pipe.compile()
     todo = [replace(job, params=pipe.resolve_params(job.params)) for job in todo]
     out.mkdir(parents=True, exist_ok=True)
     writer = ImageWriter(pipe)

@@ -68,6 +68,12 @@ def add_generation_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (under torchrun: each rank its own GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the U-Net (torch.compile, weights frozen): faster steps after a first run of each size "
+        "that compiles (cached on disk, docs/benchmarks.md); no LoRAs",
+    )
+    p.add_argument(
         "--vae-tiling",
         choices=("auto", "always", "never"),
         default="auto",

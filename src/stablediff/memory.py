@@ -5,7 +5,8 @@ they will run in: SDXL's second text tower too, and an SDXL refiner's networks w
 to the largest of the stages' activations: the text encoder(s), the U-Net
 (batch rows at latent resolution: its skip connections and the widest transformer's working
 set), the VAE encode of an init image and the VAE decode, with the tiling choice the pipeline
-will make (`stablediff.tiling`). `check_fits` turns an estimate above the available memory into
+will make (`stablediff.tiling`), plus the runtime's own memory and the allocator's slack (fitted to
+measured peaks). `check_fits` turns an estimate above the available memory into
 a ValueError that says what to change. Compared with measured peaks in docs/benchmarks.md.
 """
 
@@ -23,6 +24,11 @@ from stablediff.presets import ModelSpec
 from stablediff.tiling import DEFAULT_TILE, available_memory, decode_bytes, encode_bytes, use_tiling
 
 GIB = 1024**3
+# What the networks' sizes do not show, fitted to the peaks measured in docs/benchmarks.md (SD 1.5,
+# 256-768 px): torch's libraries and kernel caches (0.2 GiB at import, more after a first run), and
+# earlier stages' freed activations that the allocator keeps (the sum alone was 5-13% low).
+RUNTIME_BYTES = GIB // 2
+ACTIVATION_SLACK = 0.1
 
 
 def weight_bytes(spec: ModelSpec, itemsize: int) -> int:
@@ -57,7 +63,8 @@ def unet_bytes(cfg: UNetConfig, h: int, w: int, rows: int, itemsize: int) -> int
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes: the weights, and each stage's activations; `peak` = weights + the largest stage."""
+    """Bytes: the weights, and each stage's activations; `peak` = weights + the largest stage + the
+    runtime's overhead."""
 
     weights: int
     # "text encoder", "U-Net", "VAE encode" (img2img), "VAE decode"; with a refiner also
@@ -68,8 +75,13 @@ class MemoryEstimate:
     available: int | None  # on the device, when known
 
     @property
+    def overhead(self) -> int:
+        """The runtime's own memory and the allocator's slack on the largest stage."""
+        return RUNTIME_BYTES + int(ACTIVATION_SLACK * max(self.stages.values()))
+
+    @property
     def peak(self) -> int:
-        return self.weights + max(self.stages.values())
+        return self.weights + max(self.stages.values()) + self.overhead
 
     def lines(self) -> list[str]:
         """The report `stablediff generate --dry-run` prints."""
@@ -77,6 +89,7 @@ class MemoryEstimate:
         for name, size in self.stages.items():
             label = f"{name} ({'tiled' if self.tiled[name] else 'untiled'})" if name in self.tiled else name
             rows.append((f"{label} activations", size))
+        rows.append(("runtime and allocator slack", self.overhead))
         rows.append(("estimated peak", self.peak))
         text = [f"{label + ':':<34}{size / GIB:8.2f} GiB" for label, size in rows]
         free = "unknown" if self.available is None else f"{self.available / GIB:8.2f} GiB"

@@ -35,7 +35,9 @@ class GroupNorm32(nn.GroupNorm):
     U-Net call on a CPU); mixed dtypes (autocast) are computed on a float32 copy."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        override = _NORM_OVERRIDE.get()
+        # Compiled networks (the U-Net, `stablediff.compiled`) never run under tiling's override,
+        # and reading a ContextVar would split their graph at every norm.
+        override = None if torch.compiler.is_compiling() else _NORM_OVERRIDE.get()
         return self.normalize(x) if override is None else override(self, x)
 
     def normalize(self, x: torch.Tensor, mean: torch.Tensor | None = None, var: torch.Tensor | None = None):

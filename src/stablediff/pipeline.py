@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stablediff.addons import AddOns
+from stablediff.compiled import compile_unet
 from stablediff.diffusion import (
     CFGDenoiser,
     Denoiser,
@@ -133,6 +135,18 @@ class StableDiffusion(AddOns):
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.spec.schedule)
+
+    def compile(self, cache_dir: str | os.PathLike[str] | None = None) -> StableDiffusion:
+        """Compile the U-Net for inference (`stablediff.compiled`: inductor, weights frozen, code cached
+        in ``cache_dir``). The first generation of each latent size then compiles, which takes a
+        minute or two on a CPU the first time and less from the cache; LoRAs are refused after it."""
+        if self.loras:
+            raise ValueError(
+                f"compile() freezes the U-Net's weights, and LoRAs are loaded ({', '.join(self.loras)}): "
+                "compile without LoRAs"
+            )
+        compile_unet(self.unet, cache_dir)
+        return self
 
     # ----------------------------------------------------------------------------------------
 
