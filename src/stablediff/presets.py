@@ -199,6 +199,7 @@ TINY_SDXL_REFINER_UNET = replace(
 _SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 _SDXL_SCHEDULE = ScheduleConfig(timestep_spacing="leading")
 _TINY_SDXL_VAE = replace(_TINY_VAE, scaling_factor=0.13025)
+_XL_BASE = dict(schedule=_SDXL_SCHEDULE, force_zeros_for_empty_prompt=True)
 # The refiner reads bigG alone: it is the spec's only text tower (`text`), tokenised with "!" padding.
 _REFINER = dict(text_format="openclip", pad_token="!", schedule=_SDXL_SCHEDULE)
 
@@ -223,14 +224,7 @@ PRESETS: dict[str, ModelSpec] = {
         default_size=64,
     ),
     "sdxl": ModelSpec(
-        "sdxl",
-        unet=SDXL_UNET,
-        vae=_SDXL_VAE,
-        text=SDXL_TEXT_L,
-        text_2=SDXL_TEXT_G,
-        schedule=_SDXL_SCHEDULE,
-        default_size=1024,
-        force_zeros_for_empty_prompt=True,
+        "sdxl", unet=SDXL_UNET, vae=_SDXL_VAE, text=SDXL_TEXT_L, text_2=SDXL_TEXT_G, default_size=1024, **_XL_BASE
     ),
     "sdxl-refiner": ModelSpec(
         "sdxl-refiner", unet=SDXL_REFINER_UNET, vae=_SDXL_VAE, text=SDXL_TEXT_G, default_size=1024, **_REFINER
@@ -241,9 +235,8 @@ PRESETS: dict[str, ModelSpec] = {
         vae=_TINY_SDXL_VAE,
         text=TINY_SDXL_TEXT_L,
         text_2=TINY_SDXL_TEXT_G,
-        schedule=_SDXL_SCHEDULE,
         default_size=64,
-        force_zeros_for_empty_prompt=True,
+        **_XL_BASE,
     ),
     "tiny-sdxl-refiner": ModelSpec(
         "tiny-sdxl-refiner",

@@ -71,17 +71,16 @@ class CFGDenoiser:
             return self.denoiser(x, sigma, context=context, concat=concat, **cond)
         raw = isinstance(self.denoiser, Denoiser)
         fn = self.denoiser.model_output if raw else self.denoiser
-        if context is not None and uncond_context.shape == context.shape and raw and self._shares_input():
-            # One latent for both contexts: the network runs its layers before the first
-            # cross-attention once (UNetModel's shared input), and the rest as a batch of two.
-            y2 = {} if y is None else {"y": torch.cat([uncond["y"], y])}
-            out = fn(x, sigma, context=torch.cat([uncond_context, context]), concat=concat, **y2)
-            out_uncond, out_cond = out.chunk(2)
-        elif context is None or uncond_context.shape == context.shape:
+        if context is None or uncond_context.shape == context.shape:  # one batch of both
             both = torch.cat([uncond_context, context]) if context is not None else None
-            concat2 = torch.cat([concat, concat]) if concat is not None else None
             y2 = {} if y is None else {"y": torch.cat([uncond["y"], y])}
-            out = fn(torch.cat([x, x]), torch.cat([sigma, sigma]), context=both, concat=concat2, **y2)
+            if context is not None and raw and self._shares_input():
+                # One latent for both contexts: the network runs its layers before the first
+                # cross-attention once (UNetModel's shared input), and the rest as a batch of two.
+                out = fn(x, sigma, context=both, concat=concat, **y2)
+            else:
+                concat2 = torch.cat([concat, concat]) if concat is not None else None
+                out = fn(torch.cat([x, x]), torch.cat([sigma, sigma]), context=both, concat=concat2, **y2)
             out_uncond, out_cond = out.chunk(2)
         else:
             out_uncond = fn(x, sigma, context=uncond_context, concat=concat, **uncond)
