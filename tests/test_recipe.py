@@ -11,13 +11,13 @@ from stablediff import GenerationParams, load_pipeline
 from stablediff.shapes import inverse_relation_caption
 from stablediff.train.recipe import (
     _latent_cache,
-    _training_seconds,
     evaluate_packaged,
     final_export,
     package_model,
     read_recipe,
     run_recipe,
     stage_config,
+    training_seconds,
 )
 from stablediff.weights.io import read_metadata, read_state_dict
 
@@ -83,9 +83,9 @@ def test_training_time_leaves_out_the_pause_of_a_resumed_run(tmp_path):
     rows = [{"step": s, "time": 1000.0 + 0.2 * s} for s in (10, 20, 30)]
     rows += [{"step": s, "time": 4600.0 + 0.2 * s} for s in (40, 50)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _training_seconds(tmp_path) == pytest.approx(10.0)  # 50 steps at 0.2 s
+    assert training_seconds(tmp_path) == pytest.approx(10.0)  # 50 steps at 0.2 s
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    assert _training_seconds(tmp_path) is None  # one line: no rate
+    assert training_seconds(tmp_path) is None  # one line: no rate
 
 
 def test_base_is_looked_up_next_to_the_file_first(tmp_path):

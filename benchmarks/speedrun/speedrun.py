@@ -22,7 +22,7 @@ import subprocess
 from datetime import date
 from pathlib import Path
 
-from stablediff.train.recipe import _training_seconds
+from stablediff.train.recipe import training_seconds
 
 RECORD = Path("benchmarks/results/speedrun.json")
 PLOT = Path("docs/images/speedrun.png")
@@ -47,7 +47,7 @@ def _commit() -> str:
 
 def record(run: Path, change: str, recipe: str) -> dict:
     evaluation = json.loads((run / "eval" / "eval.json").read_text())
-    stages = {p.name: _training_seconds(p) for p in sorted(run.iterdir()) if (p / "metrics.jsonl").is_file()}
+    stages = {p.name: training_seconds(p) for p in sorted(run.iterdir()) if (p / "metrics.jsonl").is_file()}
     row = {
         "date": date.today().isoformat(),
         "change": change,

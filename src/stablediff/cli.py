@@ -235,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     apply_addons(pipe, args, stored_loras)
     pipe.vae_tiling = args.vae_tiling
     if args.compile:
-        for each in (pipe, refined) if refined else (pipe,):
+        for each in filter(None, (pipe, refined)):
             each.compile()
     if not known and _check_run(args, pipe.spec, values, loaded=True, refiner=refined and refined.spec):
         return 0

@@ -159,7 +159,7 @@ def run_recipe(
             if export is None:
                 progress = progress_factory(stage) if progress_factory else None
                 export = train(config.stage, config, resume="auto", progress=progress)
-        seconds = _training_seconds(out / stage) or (time.perf_counter() - start)
+        seconds = training_seconds(out / stage) or (time.perf_counter() - start)
         logger.info("recipe stage %s: %s (%.0f s)", stage, export, seconds)
         done[stage] = {"export": str(export), "seconds": seconds, "config": json.loads(config.to_json())}
     return done
@@ -203,7 +203,7 @@ def final_export(stages: dict) -> str:
     return list(stages.values())[-1]["export"]
 
 
-def _training_seconds(run: Path) -> float | None:
+def training_seconds(run: Path) -> float | None:
     """Wall time a stage's training took, from its metrics log (also when this process resumed or
     skipped it): the time between consecutive log lines, extrapolated to the steps before the first
     one. An interval slower than 10x the median step is a pause (a run stopped and resumed later)
