@@ -16,12 +16,13 @@ kohya files here have one alpha for every module (alpha != rank).
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import safetensors
 import safetensors.torch
 import torch
-from test_sdxl_pipeline import SDXL_SCHEDULER, _save, tiny_xl_pipeline
+from test_sdxl_pipeline import SDXL_SCHEDULER, _save, _text, tiny_xl_pipeline
 
 from stablediff.errors import BadFileError
 from stablediff.loading import load_pipeline
@@ -44,22 +45,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _text(width: int, projection: int | None):
-    """CLIP-L-like (quick_gelu) or bigG-like (gelu, projected); transformers' default special ids, so
-    both pool at the first EOS as we do (SDXL's published bigG config has the legacy eos id 2)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        hidden_size=width,
-        intermediate_size=width * 4,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        hidden_act="gelu" if projection else "quick_gelu",
-        projection_dim=projection or width,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
-
-
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory):
     return build_xl(tmp_path_factory.mktemp("sdxl_addons"))
@@ -69,7 +54,9 @@ def build_xl(tmp):
     """(diffusers' StableDiffusionXLPipeline, its folder `tmp/base`, ours loaded from the folder)."""
     from diffusers import EulerDiscreteScheduler
 
-    reference = tiny_xl_pipeline(tmp, EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), 50, _text)
+    reference = tiny_xl_pipeline(
+        tmp, EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), 50, partial(_text, legacy_ids=False)
+    )
     folder = _save(reference, tmp / "base")
     return reference, folder, load_pipeline(folder)
 

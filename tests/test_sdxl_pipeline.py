@@ -54,11 +54,12 @@ def _vae():
     ).eval()
 
 
-def _text(width: int, projection: int | None):
-    """CLIP-L-like (quick_gelu) or, with a projection, bigG-like (gelu, SDXL's legacy special ids)."""
+def _text(width: int, projection: int | None, legacy_ids: bool = True):
+    """CLIP-L-like (quick_gelu) or, with a projection, bigG-like (gelu; with `legacy_ids` SDXL's
+    published special ids, eos 2, else transformers' defaults, which pool at the first EOS as we do)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    special = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1) if projection else {}
+    special = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1) if projection and legacy_ids else {}
     config = CLIPTextConfig(
         hidden_size=width,
         intermediate_size=width * 4,

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speedrun" / "speedrun.py"
 
@@ -58,4 +59,5 @@ def test_a_run_becomes_a_row_and_the_record_is_drawn(speedrun, tmp_path):
     speedrun.plot(rows)
     assert speedrun.PLOT.stat().st_size > 0
     text = speedrun.table(rows)
-    assert "| more steps | 90.0 min | 50.0% | 25.0% | 75.0% | 12.5% |" in text
+    assert f"| {row['machine']} | more steps | 90.0 min | 50.0% | 25.0% | 75.0% | 12.5% |" in text
+    assert row["machine"].endswith(torch.backends.cpu.get_cpu_capability())  # AVX2 and AVX-512 rows differ

@@ -22,6 +22,8 @@ import subprocess
 from datetime import date
 from pathlib import Path
 
+import torch
+
 from stablediff.train.recipe import training_seconds
 
 RECORD = Path("benchmarks/results/speedrun.json")
@@ -41,6 +43,11 @@ def wall_seconds(run: Path) -> float:
     return (run / "model-fp16.safetensors").stat().st_mtime - start
 
 
+def machine() -> str:
+    """Cores, architecture and the vector ISA torch uses: rows from an AVX2 and an AVX-512 machine differ."""
+    return f"{os.cpu_count()} cores, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
@@ -52,10 +59,8 @@ def record(run: Path, change: str, recipe: str) -> dict:
         "date": date.today().isoformat(),
         "change": change,
         "command": f"stablediff train recipe {recipe} --out {run} --package {run}/model.safetensors",
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
-        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "commit": _commit(),
+        "machine": machine(),
         "wall_minutes": round(wall_seconds(run) / 60, 1),
         "stage_minutes": {k: round(v / 60, 1) for k, v in stages.items() if v is not None},
         "scores": {name: evaluation["suites"][suite][metric] for name, (suite, metric, _) in SCORES.items()},
@@ -69,13 +74,12 @@ def record(run: Path, change: str, recipe: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["date", "change", "wall time", *SCORES, "command"]
+    head = ["date", "machine", "change", "wall time", *SCORES, "command"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         scores = [f"{100 * r['scores'][name]:.1f}%" for name in SCORES]
-        lines.append(
-            f"| {r['date']} | {r['change']} | {r['wall_minutes']} min | {' | '.join(scores)} | `{r['command']}` |"
-        )
+        cells = [r["date"], r["machine"].split(" (")[0], r["change"], f"{r['wall_minutes']} min", *scores]
+        lines.append("| " + " | ".join(cells) + f" | `{r['command']}` |")
     return "\n".join(lines)
 
 

@@ -64,6 +64,11 @@ def _make_stage(stage: StageLike, config: TrainConfig, device: torch.device) -> 
     return built
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 and up); on AVX2 each op is emulated."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _seed(*parts: object) -> int:
     return derive_seed(*parts) % (2**63)  # torch.manual_seed wants a signed 64-bit value
 
@@ -110,6 +115,12 @@ class _Run:
         self.optimizer = make_optimizer(self.module, config)
         self.schedule = WarmupCosine(self.optimizer, config)
         self.step, self.skipped, self.position = 0, 0, Position()
+        if config.mixed_precision == "bf16" and env.device.type == "cpu" and not cpu_has_fast_bf16():
+            logger.warning(
+                "mixed_precision='bf16' on a CPU without bf16 kernels (%s): autocast emulates it, "
+                "many times slower than float32; set mixed_precision='no'",
+                torch.backends.cpu.get_cpu_capability(),
+            )
         if self.checkpoint is not None:
             self._restore(ckpt.load_checkpoint(self.checkpoint, config))
         else:
