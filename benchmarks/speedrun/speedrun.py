@@ -78,7 +78,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         scores = [f"{100 * r['scores'][name]:.1f}%" for name in SCORES]
-        cells = [r["date"], r["machine"].split(" (")[0], r["change"], f"{r['wall_minutes']} min", *scores]
+        cells = [r["date"], r["machine"], r["change"], f"{r['wall_minutes']} min", *scores]
         lines.append("| " + " | ".join(cells) + f" | `{r['command']}` |")
     return "\n".join(lines)
 
