@@ -16,6 +16,7 @@ from stablediff.params import GenerationParams
 from stablediff.train.config import TrainConfig
 from stablediff.train.data import encode_latent_cache
 from stablediff.train.exports import TEXT_PART, TRAIN_CONFIG_KEY, VAE_PART, frozen_parts
+from stablediff.train.optim import WarmupCosine, lr_at, make_optimizer
 from stablediff.train.stages.unet import FinetuneStage, UNetStage, draw_timesteps
 from stablediff.train.trainer import train
 from stablediff.weights.io import read_metadata, read_state_dict, write_safetensors
@@ -229,6 +230,28 @@ def test_finetune_starts_from_the_base_model(tmp_path):
     assert stage.vae.config == reference.vae.config and stage.unet.training
     checkpoint = train(FinetuneStage, config, until=1)
     assert checkpoint.name == "step_0000001"
+
+
+def test_text_encoder_lr_ratio_scales_only_the_text_encoders_groups(tmp_path):
+    base = tmp_path / "base.safetensors"
+    save(load_pipeline("tiny", seed=7), base)
+    config = unet_config(
+        tmp_path / "run", stage="finetune", base=str(base), train_text_encoder=True, text_encoder_lr_ratio=0.1
+    )
+    stage = FinetuneStage(config, CPU)
+    optimizer = make_optimizer(stage.trainable(), config, stage.lr_scales())
+    WarmupCosine(optimizer, config).apply(5)
+    lr = lr_at(5, config)
+    text = {id(p) for p in stage.text_encoder.parameters()}
+    for group in optimizer.param_groups:  # every parameter is in a group of its network's lr
+        expected = [0.1 * lr if id(p) in text else lr for p in group["params"]]
+        assert expected == [pytest.approx(group["lr"])] * len(expected)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(stage.trainable().parameters()))
+    assert {g["lr_scale"] for g in optimizer.param_groups} == {1.0, 0.1}
+    with pytest.raises(ValueError, match="text_encoder_lr_ratio needs train_text_encoder = true"):
+        unet_config(tmp_path, text_encoder_lr_ratio=0.5)
+    with pytest.raises(ValueError, match="text_encoder_lr_ratio must be > 0, got 0.0"):
+        unet_config(tmp_path, train_text_encoder=True, text_encoder_lr_ratio=0.0)
 
 
 def test_train_text_encoder_trains_both_networks_and_exports_them(tmp_path):

@@ -72,6 +72,7 @@ class TrainConfig:
     # Train the text encoder with the U-Net on the denoising loss (as DreamBooth's --train_text_encoder):
     # a text tower trained only contrastively need not say which object a relation puts where.
     train_text_encoder: bool = False
+    text_encoder_lr_ratio: float = 1.0  # its lr as a multiple of the U-Net's (the same warm-up and cosine)
     # Where each object goes is decided at the noisiest timesteps, which the eps loss barely weighs
     # (its weight in x0 terms is the SNR, 0.008 at t = 950): a share of each batch drawn from
     # [high_noise_from, T), and a floor on every sample's x0 weight (truncated SNR, Salimans & Ho).
@@ -178,6 +179,12 @@ class TrainConfig:
             raise ValueError(f"hard_negatives is for the text stage, not {self.stage!r}")
         if self.train_text_encoder and self.stage not in ("unet", "finetune"):
             raise ValueError(f"train_text_encoder is for the unet and finetune stages, not {self.stage!r}")
+        if self.text_encoder_lr_ratio <= 0:
+            raise ValueError(f"text_encoder_lr_ratio must be > 0, got {self.text_encoder_lr_ratio}")
+        if self.text_encoder_lr_ratio != 1.0 and not self.train_text_encoder:
+            raise ValueError(
+                "text_encoder_lr_ratio needs train_text_encoder = true: the text encoder is frozen otherwise"
+            )
         if self.grounding_weight and self.stage not in ("unet", "finetune"):
             raise ValueError(f"grounding_weight is for the unet and finetune stages, not {self.stage!r}")
         if self.grounding_weight and self.gradient_checkpointing:

@@ -15,20 +15,30 @@ from torch import nn
 from stablediff.train.config import TrainConfig
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices and convolution kernels decay; biases, norm scales and other
-    1-D parameters do not (decaying a norm's scale towards 0 only fights the normalisation)."""
-    decay, no_decay = [], []
-    for param in module.parameters():
+def param_groups(module: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: matrices and convolution kernels decay; biases, norm scales and other 1-D
+    parameters do not (decaying a norm's scale towards 0 only fights the normalisation). A parameter
+    whose name starts with a key of `lr_scales` learns at that multiple of the run's lr (its group's
+    "lr_scale"); the unscaled groups come first, in the order older checkpoints saved them."""
+    scales = {1.0: None, **{s: None for s in (lr_scales or {}).values()}}
+    groups = {(scale, decay): [] for scale in scales for decay in (True, False)}
+    for name, param in module.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+            groups[scale, param.ndim >= 2].append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (scale, decay), params in groups.items()
+        if params
+    ]
 
 
-def make_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of `module` with the run's lr, betas and weight decay."""
-    groups = param_groups(module, config.weight_decay)
+def make_optimizer(
+    module: nn.Module, config: TrainConfig, lr_scales: dict[str, float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `module` with the run's lr, betas and weight decay
+    (`param_groups` says what `lr_scales` does)."""
+    groups = param_groups(module, config.weight_decay, lr_scales)
     if not groups:
         raise ValueError("the stage's trainable module has no parameters that require gradients")
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
@@ -53,11 +63,11 @@ class WarmupCosine:
         self.step_index = 0
 
     def apply(self, step: int) -> float:
-        """Set the learning rate for optimizer step `step`; returns it."""
+        """Set the learning rate for optimizer step `step` (times each group's "lr_scale"); returns it."""
         self.step_index = step
         lr = lr_at(step, self.config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def state_dict(self) -> dict:

@@ -39,6 +39,10 @@ class Stage(ABC):
         of it: a stage with an adversary (the VAE's patch discriminator) keeps each loss term from
         reaching the other network's parameters itself (detached inputs / detached weights)."""
 
+    def lr_scales(self) -> dict[str, float]:
+        """Parameter-name prefixes of `trainable()` that learn at a multiple of the run's lr (none by default)."""
+        return {}
+
     @abstractmethod
     def dataset(self) -> Dataset:
         """The training set: items the stage's `collate` turns into a batch."""

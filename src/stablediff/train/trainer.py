@@ -112,7 +112,7 @@ class _Run:
                 sub.gradient_checkpointing = config.gradient_checkpointing
         self.module.train()
         self.ema = EMA(self.module, config.ema_decay) if config.ema_decay > 0 else None
-        self.optimizer = make_optimizer(self.module, config)
+        self.optimizer = make_optimizer(self.module, config, self.stage.lr_scales())
         self.schedule = WarmupCosine(self.optimizer, config)
         self.step, self.skipped, self.position = 0, 0, Position()
         if config.mixed_precision == "bf16" and env.device.type == "cpu" and not cpu_has_fast_bf16():

@@ -195,6 +195,9 @@ class UNetStage(Stage):
     def trainable(self) -> nn.Module:
         return self.model
 
+    def lr_scales(self) -> dict[str, float]:
+        return {"text_encoder.": self.config.text_encoder_lr_ratio} if self.config.train_text_encoder else {}
+
     def dataset(self) -> Dataset:
         return self._train
 
