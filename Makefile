@@ -2,6 +2,7 @@
 PY      := .venv/bin/python
 TORCH   := torch==2.13.0
 STAMP   := .venv/.installed
+MODEL   := src/stablediff/data/shapes.safetensors
 
 .PHONY: setup test demo serve lint clean bundled-model eval bench
 
@@ -20,19 +21,22 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# Generates one image with the bundled model and prints where it is.
+# Generates one image with the bundled model and prints where it is, and which model that is.
 demo: setup
 	$(PY) -m stablediff generate "a large yellow star in the center on a black background" --seed 1 --steps 20 --out outputs
+	@$(PY) -c 'import re; from stablediff.weights.io import read_metadata; r = read_metadata("$(MODEL)")["stablediff.recipe"]; \
+	print("made by the bundled model $(MODEL), trained by the recipe", re.search("^name = \"(.+)\"", r, re.M)[1], \
+	"(shapes-gpu: docs/model-card.md; shapes, the CPU recipe: docs/speedrun.md)")'
 
 # The web page and the HTTP APIs on http://127.0.0.1:7860/ with the bundled model (docs/serve.md).
 serve: setup
 	$(PY) -m stablediff serve
 
-# Trains a bundled model from nothing and evaluates it: RECIPE=shapes (CPU, under 2 hours on two
+# Trains a bundled model from nothing and evaluates it: RECIPE=shapes (CPU, about 2 hours on two
 # cores) or RECIPE=shapes-gpu (a CUDA GPU: the model that ships; docs/model-card.md has its phases' times).
 RECIPE  ?= shapes
 bundled-model: setup
-	$(PY) -m stablediff train recipe $(RECIPE) --out runs/$(RECIPE) --package src/stablediff/data/shapes.safetensors
+	$(PY) -m stablediff train recipe $(RECIPE) --out runs/$(RECIPE) --package $(MODEL)
 
 # The full evaluation of the bundled model: prompt suites, sampler/steps/guidance sweep.
 eval: setup

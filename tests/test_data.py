@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import ConcatDataset
 
 from stablediff.image import image_to_tensor
 from stablediff.models.vae import AutoencoderKL, VAEConfig
 from stablediff.shapes import ShapesDataset
-from stablediff.train.data import CaptionedFolder, LatentCacheDataset, encode_latent_cache
+from stablediff.train.data import CaptionedFolder, LatentCacheDataset, ShapesPairs, encode_latent_cache
 from stablediff.weights.io import write_safetensors
 
 
@@ -228,6 +229,28 @@ def test_latent_cache_round_trip(tmp_path):
 
     dropped = LatentCacheDataset(out, caption_dropout=1.0)
     assert all(dropped[i][1] == "" for i in range(5))
+
+
+def test_latent_cache_prefix_extends_a_cache(tmp_path):
+    vae = _tiny_vae()
+    first, more = ShapesPairs(3, 1, 32, regions=True), ShapesPairs(2, 2, 32, regions=True, n_objects=2)
+    prefix = encode_latent_cache(first, vae, tmp_path / "first.safetensors")
+    extended = LatentCacheDataset(
+        encode_latent_cache(more, vae, tmp_path / "both.safetensors", prefix=prefix), sample=False, regions=True
+    )
+    whole_path = encode_latent_cache(ConcatDataset([first, more]), vae, tmp_path / "whole.safetensors")
+    whole = LatentCacheDataset(whole_path, sample=False, regions=True)
+    assert len(extended) == 5 and extended.metadata["count"] == "5"
+    print("max |mean difference|:", (extended.mean - whole.mean).abs().max().item())
+    assert torch.allclose(extended.mean, whole.mean, atol=1e-5) and torch.allclose(extended.std, whole.std, atol=1e-5)
+    assert extended.captions == whole.captions and extended.regions == whole.regions
+
+    other = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8))
+    with pytest.raises(ValueError, match="another VAE configuration"):
+        encode_latent_cache(more, other, tmp_path / "bad.safetensors", prefix=prefix)
+    with pytest.raises(ValueError, match=r"item 3 \(the prefix's 3 items first\) has no grounding regions"):
+        encode_latent_cache(ShapesDataset(2, seed=2, size=32), vae, tmp_path / "bad.safetensors", prefix=prefix)
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_latent_cache_errors_write_nothing(tmp_path):

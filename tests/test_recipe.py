@@ -14,6 +14,7 @@ from stablediff.train.recipe import (
     evaluate_packaged,
     final_export,
     package_model,
+    phases,
     read_recipe,
     run_recipe,
     stage_config,
@@ -23,6 +24,8 @@ from stablediff.weights.io import read_metadata, read_state_dict
 
 TINY = """
 base = "shapes"
+finetune = false
+polish = false
 [common]
 model = "tiny"
 shapes_size = 256
@@ -88,6 +91,21 @@ def test_training_time_leaves_out_the_pause_of_a_resumed_run(tmp_path):
     assert training_seconds(tmp_path) is None  # one line: no rate
 
 
+def test_the_cpu_recipe_freezes_the_text_encoder_then_trains_it_and_the_gpu_recipe_drops_its_polish():
+    cpu, _ = read_recipe("shapes")
+    gpu, _ = read_recipe("shapes-gpu")
+    assert phases(cpu) == ["finetune", "polish"] and phases(gpu) == ["finetune", "relations"]
+    assert not cpu["unet"].get("train_text_encoder") and cpu["finetune"]["train_text_encoder"]
+    assert cpu["polish"]["continues"] == "finetune" and "polish" not in gpu
+
+
+def test_a_false_table_leaves_out_the_base_table(tmp_path):
+    (tmp_path / "parent.toml").write_text('[common]\nseed = 3\n[vae]\nsteps = 5\n[extra]\ncontinues = "unet"\n')
+    (tmp_path / "child.toml").write_text('base = "parent"\nextra = false\n[common]\nseed = 4\n')
+    recipe, _ = read_recipe(tmp_path / "child.toml")
+    assert recipe == {"common": {"seed": 4}, "vae": {"steps": 5}}
+
+
 def test_base_is_looked_up_next_to_the_file_first(tmp_path):
     (tmp_path / "parent.toml").write_text("[common]\nseed = 3\nresolution = 32\n[vae]\nsteps = 5\n")
     (tmp_path / "child.toml").write_text('base = "parent"\n[common]\nseed = 4\n')
@@ -144,20 +162,20 @@ def test_later_phases_continue_the_phase_before_and_the_last_is_the_packaged_mod
     path.write_text(
         TINY
         + "[latents.pairs]\nextra_scenes = 8\nobjects = 2\nseed = 11\n"
-        + '[finetune]\ncontinues = "unet"\n'
+        + '[joint]\ncontinues = "unet"\n'
         + phase
-        + '[relations]\ncontinues = "finetune"\ncache = "pairs"\n'
+        + '[relations]\ncontinues = "joint"\ncache = "pairs"\n'
         + phase
     )
     out = tmp_path / "run"
     recipe, text = read_recipe(path)
-    config = stage_config(recipe, "finetune", out)
+    config = stage_config(recipe, "joint", out)
     assert config.base == str(out / "unet" / "export" / "model.safetensors")
     assert config.data == str(out / "latents.safetensors") and config.batch_size == 4 and config.steps == 2
-    assert stage_config(recipe, "relations", out).base == str(out / "finetune" / "export" / "model.safetensors")
+    assert stage_config(recipe, "relations", out).base == str(out / "joint" / "export" / "model.safetensors")
     stages = run_recipe(path, out)
-    assert list(stages) == ["tokenizer", "vae", "text", "unet", "finetune", "relations"]
-    assert final_export(stages) == stages["relations"]["export"] != stages["finetune"]["export"]
+    assert list(stages) == ["tokenizer", "vae", "text", "unet", "joint", "relations"]
+    assert final_export(stages) == stages["relations"]["export"] != stages["joint"]["export"]
     scenes, pairs = (
         json.loads(read_metadata(out / name)["captions"])
         for name in ("latents.safetensors", "latents-pairs.safetensors")
@@ -169,10 +187,10 @@ def test_later_phases_continue_the_phase_before_and_the_last_is_the_packaged_mod
         "vae": 3,
         "text": 3,
         "unet": 3,
-        "finetune": 2,
+        "joint": 2,
         "relations": 2,
     }
-    phases = [load_pipeline(stages[name]["export"]) for name in ("unet", "finetune", "relations")]
+    phases = [load_pipeline(stages[name]["export"]) for name in ("unet", "joint", "relations")]
     shipped = load_pipeline(model)
     for name in ("unet", "text_encoder"):  # both networks trained on in each later phase, and shipped
         a, b, c, d = (getattr(p, name).state_dict() for p in (*phases, shipped))

@@ -31,7 +31,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset
 
 from stablediff.eval import evaluate, write_report
 from stablediff.loading import load_pipeline, save
@@ -55,7 +54,8 @@ Progress = Callable[[int, int, dict], None]
 
 def read_recipe(name_or_path: str | Path, _chain: tuple[str, ...] = ()) -> tuple[dict, str]:
     """(the parsed recipe, its text) from a file path or a packaged recipe name; a recipe with a
-    `base` is merged into its base recipe, and the text then holds both files."""
+    `base` is merged into its base recipe (table by table; a top-level `NAME = false` leaves out the
+    base's table NAME), and the text then holds both files."""
     if str(name_or_path) in _chain:
         raise ValueError(f"recipe base chain loops: {' -> '.join((*_chain, str(name_or_path)))}")
     text, folder = _recipe_text(name_or_path)
@@ -66,7 +66,11 @@ def read_recipe(name_or_path: str | Path, _chain: tuple[str, ...] = ()) -> tuple
         chain = (*_chain, str(name_or_path))
         base, base_text = read_recipe(local if local is not None and local.is_file() else base_name, chain)
         for key, value in recipe.items():
-            base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+            if value is False and isinstance(base.get(key), dict):  # `NAME = false` drops the base's table
+                del base[key]
+            else:
+                both = isinstance(value, dict) and isinstance(base.get(key), dict)
+                base[key] = {**base[key], **value} if both else value
         recipe, text = base, f"{text}\n# ---- base recipe {base_name!r} ----\n{base_text}"
     unknown = set(recipe) - {*OTHER_TABLES, *FIRST_STAGES, *phases(recipe)}
     if unknown:
@@ -179,21 +183,18 @@ def _latent_cache(recipe: dict, out: Path, name: str | None = None) -> Path:
     if missing:
         raise ValueError(f"the recipe's [latents] table must set {', '.join(missing)}; it has {sorted(latents)}")
     config = stage_config(recipe, "vae", out)
-    config.shapes_size = int(latents["scenes"])
-    images, _ = image_text_data(config, regions=True)  # stored for a U-Net phase with a grounding loss
-    if name is not None:
-        more = ShapesPairs(
-            int(extra["extra_scenes"]),
-            int(extra["seed"]),
-            config.resolution,
-            regions=True,
-            n_objects=int(extra["objects"]),
-        )
-        images = ConcatDataset([images, more])
+    prefix = None
+    if name is None:
+        config.shapes_size = int(latents["scenes"])
+        images, _ = image_text_data(config, regions=True)  # stored for a U-Net phase with a grounding loss
+    else:  # the main cache's scenes are copied, only the extra ones encoded
+        prefix = _latent_cache(recipe, out)
+        scenes, seed, objects = (int(extra[key]) for key in ("extra_scenes", "seed", "objects"))
+        images = ShapesPairs(scenes, seed, config.resolution, regions=True, n_objects=objects)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer would run too
     vae = read_part(VAE_PART, out / "vae" / EXPORT_DIR, device)
-    encode_latent_cache(images, vae, cache, batch_size=64, device=device)
+    encode_latent_cache(images, vae, cache, batch_size=64, device=device, prefix=prefix)
     logger.info("recipe: encoded %d images to %s (%.0f s)", len(images), cache, time.perf_counter() - start)
     return cache
 

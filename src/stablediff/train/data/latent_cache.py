@@ -50,6 +50,7 @@ def encode_latent_cache(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    prefix: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Encode every item of ``dataset`` (``ds[i] -> (image, caption, ...)``, image ``[3, H, W]`` in
     [-1, 1] or a PIL image, all of one size) with ``vae`` and write the cache to ``out_path``;
@@ -59,6 +60,8 @@ def encode_latent_cache(
     The dataset must not drop captions (``caption_dropout`` > 0 is refused): dropout belongs to
     ``LatentCacheDataset``, per epoch. Random crops or flips of the dataset are baked in once.
     ``vae`` runs in eval mode on ``device`` in its own dtype; its mode is restored afterwards.
+    ``prefix``: an existing cache made with the same VAE whose items come first, copied rather
+    than encoded again (a larger cache that extends a smaller one).
     The file is written atomically at the end; a failed call writes nothing. Returns the path.
     """
     out_path = Path(out_path)
@@ -72,8 +75,22 @@ def encode_latent_cache(
     if n == 0:
         raise ValueError("cannot encode an empty dataset")
     dtype = next(vae.parameters()).dtype
+    config = getattr(vae, "config", None)
+    vae_config = json.dumps(config.to_dict() if hasattr(config, "to_dict") else None)
     means, stds, captions, regions = [], [], [], []
     image_size: tuple[int, ...] | None = None
+    done = 0
+    if prefix is not None:
+        first = LatentCacheDataset(prefix)
+        if first.metadata.get("vae_config") != vae_config:
+            raise ValueError(f"prefix cache {prefix} was encoded with another VAE configuration than this VAE's")
+        means.append(first.mean)
+        stds.append(first.std)
+        captions += first.captions
+        stored = first.metadata.get("regions")
+        regions += json.loads(stored) if stored is not None else [None] * len(first)
+        image_size = tuple(json.loads(first.metadata["image_size"]))
+        done = len(first)
     was_training = vae.training
     vae.eval()
     try:
@@ -97,19 +114,21 @@ def encode_latent_cache(
                 progress(start + len(items), n)
     finally:
         vae.train(was_training)
-    config = getattr(vae, "config", None)
     metadata = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
-        "count": str(n),
+        "count": str(done + n),
         "captions": json.dumps(captions, ensure_ascii=False),
         "image_size": json.dumps(list(image_size or ())),
-        "vae_config": json.dumps(config.to_dict() if hasattr(config, "to_dict") else None),
+        "vae_config": vae_config,
     }
-    if regions[0] is not None:
+    if any(r is not None for r in regions):
         missing = next((i for i, r in enumerate(regions) if r is None), None)
         if missing is not None:
-            raise ValueError(f"item {missing} has no grounding regions but item 0 has: all items or none")
+            raise ValueError(
+                f"item {missing} (the prefix's {done} items first) has no grounding regions but others have: "
+                "all items or none"
+            )
         metadata["regions"] = json.dumps(regions)
     write_safetensors({"mean": torch.cat(means), "std": torch.cat(stds)}, out_path, metadata)
     return out_path
